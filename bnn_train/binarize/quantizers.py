@@ -1,0 +1,84 @@
+"""Sign quantizers with straight-through estimators (STEs), looked up by name.
+
+Every quantizer computes the same forward, sign(x) with sign(0) = +1, and differs only in the
+pseudo-gradient that backward uses in place of sign's derivative (zero almost everywhere).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnn_train.errors import ConfigError
+
+
+def sign(x: Tensor) -> Tensor:
+    """sign(x) in {-1, +1} with sign(0) = +1 (torch.sign would give 0, a third value)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class _SignSTE(torch.autograd.Function):
+    """forward: sign(x); backward: grad_out * pseudo_grad(x)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pseudo_grad):
+        ctx.save_for_backward(x)
+        ctx.pseudo_grad = pseudo_grad
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad_out * ctx.pseudo_grad(x), None
+
+
+class SignSTE(nn.Module):
+    """Base class: sign(x) forward, `pseudo_grad(x)` as d sign/dx in backward."""
+
+    name = "base"
+
+    def pseudo_grad(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _SignSTE.apply(x, self.pseudo_grad)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class IdentitySTE(SignSTE):
+    """Plain straight-through estimator: d sign/dx := 1.
+
+    Bengio, Léonard & Courville 2013, "Estimating or Propagating Gradients Through Stochastic
+    Neurons for Conditional Computation"; the weight estimator of BinaryConnect (Courbariaux et
+    al. 2015).
+    """
+
+    name = "identity"
+
+    def pseudo_grad(self, x: Tensor) -> Tensor:
+        return torch.ones_like(x)
+
+
+class ClippedSTE(SignSTE):
+    """STE with gradient cancellation: d sign/dx := 1{|x| <= 1} (the derivative of Hardtanh).
+
+    Hubara, Courbariaux et al. 2016, "Binarized Neural Networks" (BinaryNet), eq. 4.
+    """
+
+    name = "clipped"
+
+    def pseudo_grad(self, x: Tensor) -> Tensor:
+        return (x.abs() <= 1).to(x.dtype)
+
+
+STES: dict[str, type[SignSTE]] = {cls.name: cls for cls in (IdentitySTE, ClippedSTE)}
+
+
+def build_ste(name: str) -> SignSTE:
+    """Instantiate the STE registered under `name`."""
+    try:
+        return STES[name]()
+    except KeyError:
+        raise ConfigError(f"ste={name}: unknown estimator; choose one of: {', '.join(STES)}") from None

@@ -1,0 +1,73 @@
+"""binarize_(model, ...): turn a full-precision model into a binary one in place; clip_latent_."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from bnn_train.binarize.layers import BINARY_LAYERS, BinaryConv2d, BinaryLinear
+from bnn_train.binarize.quantizers import build_ste
+from bnn_train.binarize.scaling import WEIGHT_BINARIZERS
+from bnn_train.binarize.schemes import get_scheme
+
+log = logging.getLogger(__name__)
+
+
+def binarize_(
+    model: nn.Module,
+    scheme: str,
+    ste: str = "clipped",
+    keep_first_real: bool = True,
+    keep_last_real: bool = True,
+    keep_downsample_real: bool = False,
+) -> list[str]:
+    """Swap the model's Conv2d/Linear layers for binary ones sharing the same latent weights.
+
+    First and last layer are the first and last Conv2d/Linear in module registration order (models
+    register layers in forward order); downsample layers are those under a module named
+    `downsample`. The network input is never binarized: the first layer, when binarized, gets
+    binary weights only (BinaryNet keeps its first layer's input real).
+    Returns the names of the binarized layers.
+    """
+    spec = get_scheme(scheme)
+    if not spec.binarizes:
+        return []
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in BINARY_LAYERS]
+    if not layers:
+        return []
+    first, last = layers[0][0], layers[-1][0]
+    done = []
+    for name, layer in layers:
+        if (keep_first_real and name == first) or (keep_last_real and name == last):
+            continue
+        if keep_downsample_real and "downsample" in name.split("."):
+            continue
+        weight_q = WEIGHT_BINARIZERS[spec.weight](build_ste(spec.weight_ste)) if spec.weight else None
+        input_q = build_ste(ste) if spec.binary_activations and name != first else None
+        model.set_submodule(name, BINARY_LAYERS[type(layer)].from_float(layer, weight_q, input_q))
+        done.append(name)
+    log.info("binarized %d of %d layers with %s", len(done), len(layers), scheme)
+    return done
+
+
+def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every layer whose weights are binarized."""
+    for name, m in model.named_modules():
+        if isinstance(m, (BinaryConv2d, BinaryLinear)) and m.weight_quantizer is not None:
+            yield name, m
+
+
+@torch.no_grad()
+def clip_latent_(model: nn.Module, bound: float | None) -> None:
+    """Clamp every latent weight of a binarized layer to [-bound, bound] (None: do nothing).
+
+    Courbariaux et al. 2015, BinaryConnect sec. 2.4: without it latent weights grow without
+    bound and stop flipping sign.
+    """
+    if bound is None:
+        return
+    for _, layer in binary_layers(model):
+        layer.weight.clamp_(-bound, bound)
