@@ -43,9 +43,6 @@ class SignSTE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _SignSTE.apply(x, self.pseudo_grad)
 
-    def extra_repr(self) -> str:
-        return self.name
-
 
 class IdentitySTE(SignSTE):
     """Plain straight-through estimator: d sign/dx := 1.
@@ -73,12 +70,48 @@ class ClippedSTE(SignSTE):
         return (x.abs() <= 1).to(x.dtype)
 
 
-STES: dict[str, type[SignSTE]] = {cls.name: cls for cls in (IdentitySTE, ClippedSTE)}
+class ApproxSignSTE(SignSTE):
+    """Bi-Real Net's ApproxSign: the derivative of a piecewise-quadratic approximation of sign,
+        d sign/dx := 2 + 2x on [-1, 0),  2 - 2x on [0, 1),  0 elsewhere.
+
+    Liu et al. 2018, "Bi-Real Net", sec. 3.2, eq. 4.
+    """
+
+    name = "approx_sign"
+
+    def pseudo_grad(self, x: Tensor) -> Tensor:
+        return torch.where(x.abs() < 1, 2 - 2 * x.abs(), torch.zeros_like(x)) * (x >= -1)
 
 
-def build_ste(name: str) -> SignSTE:
-    """Instantiate the STE registered under `name`."""
+class SwishSignSTE(SignSTE):
+    """SwishSign: the derivative of SS_b(x) = 2 sigma(b x)(1 + b x (1 - sigma(b x))) - 1,
+        d sign/dx := b (2 - b x tanh(b x / 2)) / (1 + cosh(b x)).
+
+    Darabi et al. 2018, "BNN+: Improved Binary Network Training", eq. 6 (larq's SwishSign).
+    """
+
+    name = "swish_sign"
+
+    def __init__(self, beta: float = 5.0):
+        super().__init__()
+        self.beta = beta
+
+    def pseudo_grad(self, x: Tensor) -> Tensor:
+        bx = self.beta * x
+        return self.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+STES: dict[str, type[SignSTE]] = {
+    cls.name: cls for cls in (IdentitySTE, ClippedSTE, ApproxSignSTE, SwishSignSTE)
+}
+
+
+def build_ste(name: str, **options) -> SignSTE:
+    """Instantiate the STE registered under `name` with its options (e.g. beta for swish_sign)."""
     try:
-        return STES[name]()
+        return STES[name](**options)
     except KeyError:
         raise ConfigError(f"ste={name}: unknown estimator; choose one of: {', '.join(STES)}") from None

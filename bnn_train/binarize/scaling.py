@@ -1,7 +1,9 @@
-"""Weight binarizers: sign(W) and alpha * sign(W) with alpha = mean|W| per output channel."""
+"""Weight binarizers (sign(W), alpha*sign(W), stochastic sign) and XNOR-Net's activation scale K."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnn_train.binarize.quantizers import SignSTE
@@ -44,4 +46,52 @@ class ScaledSignWeight(nn.Module):
         return mean_abs_scale(w) * self.ste(w)
 
 
-WEIGHT_BINARIZERS: dict[str, type[nn.Module]] = {"sign": SignWeight, "scaled_sign": ScaledSignWeight}
+class StochasticSignWeight(nn.Module):
+    """Stochastic BinaryConnect: W_b = +1 with probability clip((W + 1) / 2, 0, 1), else -1, while
+    training; deterministic sign(W) in eval mode.
+
+    Courbariaux, Bengio & David 2015, "BinaryConnect", eq. 2. Sampled as sign(W - u), u ~ U(-1, 1):
+    P(W - u >= 0) = clip((W + 1) / 2, 0, 1). The gradient reaches W through `ste` at W - u.
+    """
+
+    def __init__(self, ste: SignSTE):
+        super().__init__()
+        self.ste = ste
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.training:
+            return self.ste(w)
+        return self.ste(w - (torch.rand_like(w) * 2 - 1))
+
+
+WEIGHT_BINARIZERS: dict[str, type[nn.Module]] = {
+    "sign": SignWeight, "scaled_sign": ScaledSignWeight, "stochastic_sign": StochasticSignWeight}
+
+
+class ConvActivationScale(nn.Module):
+    """XNOR-Net's K for a conv: A = (1/c) sum_c |I_c|, K = A * k with k a kh x kw box filter of
+    value 1/(kh kw), applied with the conv's own stride, padding and dilation.
+
+    Rastegari et al. 2016, "XNOR-Net", sec. 3.2 (fig. 2): the output is (sign(I) * sign(W)) . K alpha.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        kh, kw = conv.kernel_size
+        self.register_buffer("box", torch.full((1, 1, kh, kw), 1.0 / (kh * kw)), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = x.abs().mean(dim=1, keepdim=True)
+        return F.conv2d(a, self.box.to(a.dtype), stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+class LinearActivationScale(nn.Module):
+    """XNOR-Net's K for a linear layer: the per-sample mean |I| over the input features."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.abs().mean(dim=-1, keepdim=True)
+
+
+def activation_scale_for(layer: nn.Module) -> nn.Module:
+    return ConvActivationScale(layer) if isinstance(layer, nn.Conv2d) else LinearActivationScale()

@@ -10,8 +10,9 @@ from torch import nn
 
 from bnn_train.binarize.layers import BINARY_LAYERS, BinaryConv2d, BinaryLinear
 from bnn_train.binarize.quantizers import build_ste
-from bnn_train.binarize.scaling import WEIGHT_BINARIZERS
+from bnn_train.binarize.scaling import WEIGHT_BINARIZERS, activation_scale_for
 from bnn_train.binarize.schemes import get_scheme
+from bnn_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ def binarize_(
     keep_first_real: bool = True,
     keep_last_real: bool = True,
     keep_downsample_real: bool = False,
+    ste_options: dict | None = None,
+    act_scale: str = "none",
+    stochastic: bool = False,
 ) -> list[str]:
     """Swap the model's Conv2d/Linear layers for binary ones sharing the same latent weights.
 
@@ -30,9 +34,18 @@ def binarize_(
     register layers in forward order); downsample layers are those under a module named
     `downsample`. The network input is never binarized: the first layer, when binarized, gets
     binary weights only (BinaryNet keeps its first layer's input real).
+    act_scale="k_map" multiplies by XNOR-Net's activation scale K (schemes with binary activations);
+    stochastic=True samples weights as in stochastic BinaryConnect (schemes with sign weights).
     Returns the names of the binarized layers.
     """
     spec = get_scheme(scheme)
+    if act_scale not in ("none", "k_map"):
+        raise ConfigError(f"method.act_scale={act_scale}: choose one of: none, k_map")
+    if act_scale == "k_map" and not spec.binary_activations:
+        raise ConfigError(f"method.act_scale=k_map: {scheme} keeps activations real; K applies to binary activations")
+    if stochastic and spec.weight != "sign":
+        raise ConfigError(f"method.stochastic=true: only for schemes with sign(W) weights, not {scheme}")
+    weight_kind = "stochastic_sign" if stochastic else spec.weight
     if not spec.binarizes:
         return []
     layers = [(n, m) for n, m in model.named_modules() if type(m) in BINARY_LAYERS]
@@ -45,9 +58,11 @@ def binarize_(
             continue
         if keep_downsample_real and "downsample" in name.split("."):
             continue
-        weight_q = WEIGHT_BINARIZERS[spec.weight](build_ste(spec.weight_ste)) if spec.weight else None
-        input_q = build_ste(ste) if spec.binary_activations and name != first else None
-        model.set_submodule(name, BINARY_LAYERS[type(layer)].from_float(layer, weight_q, input_q))
+        weight_q = WEIGHT_BINARIZERS[weight_kind](build_ste(spec.weight_ste)) if spec.weight else None
+        binary_input = spec.binary_activations and name != first
+        input_q = build_ste(ste, **(ste_options or {})) if binary_input else None
+        scale = activation_scale_for(layer) if binary_input and act_scale == "k_map" else None
+        model.set_submodule(name, BINARY_LAYERS[type(layer)].from_float(layer, weight_q, input_q, scale))
         done.append(name)
     log.info("binarized %d of %d layers with %s", len(done), len(layers), scheme)
     return done

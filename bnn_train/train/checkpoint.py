@@ -28,10 +28,9 @@ def load_checkpoint(path: str | Path) -> dict:
                               f"(<run dir>/checkpoints/last.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({first}); "
-                              f"pass a checkpoint written by bnn-train") from None
+    except Exception:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint (truncated, corrupt "
+                              f"or another format); pass a checkpoint written by bnn-train") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path}: not a bnn-train checkpoint (no 'model' entry)")
     return state

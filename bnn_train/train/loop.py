@@ -60,7 +60,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
 
     hparams = {**{k: v for k, v in (choices or {}).items()}, **flatten(cfg)}
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=progress["step"] or None)
+    # On resume, drop points logged after the checkpoint so curves don't double back.
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=progress["step"] + 1 if progress["step"] else None)
     show_bar = tc.progress is True or tc.progress == "true" or (tc.progress == "auto" and sys.stderr.isatty())
 
     def checkpoint(name: str) -> None:
@@ -157,8 +158,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
                                   "final_val_acc": metrics["final_val_acc"] or 0.0,
                                   "train_time_s": metrics["train_time_s"]})
     writer.close()
-    log.info("best val acc %.4f, final %s, %d epochs in %.1f s -> %s", metrics["best_val_acc"],
-             metrics["final_val_acc"], metrics["epochs_completed"], metrics["train_time_s"], run_dir)
+    log.info("best val acc %.4f, final %.4f, %d epochs in %.1f s -> %s", metrics["best_val_acc"],
+             metrics["final_val_acc"] or 0.0, metrics["epochs_completed"], metrics["train_time_s"], run_dir)
     return metrics
 
 

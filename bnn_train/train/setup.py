@@ -30,10 +30,12 @@ def activation_for(cfg) -> str:
 def build_network(cfg, in_channels: int, num_classes: int, image_size: int) -> tuple[nn.Module, list[str]]:
     """The model of `cfg.model`, binarized in place by `cfg.method` and `cfg.ste`."""
     model = build_model(cfg.model, in_channels, num_classes, image_size, activation_for(cfg))
-    binarized = binarize_(model, cfg.method.name, cfg.ste.name,
-                          keep_first_real=cfg.method.keep_first_real,
-                          keep_last_real=cfg.method.keep_last_real,
-                          keep_downsample_real=cfg.method.keep_downsample_real)
+    method = cfg.method
+    ste_options = {k: v for k, v in cfg.ste.items() if k != "name"}
+    binarized = binarize_(model, method.name, cfg.ste.name, ste_options=ste_options,
+                          keep_first_real=method.keep_first_real, keep_last_real=method.keep_last_real,
+                          keep_downsample_real=method.keep_downsample_real,
+                          act_scale=method.get("act_scale", "none"), stochastic=method.get("stochastic", False))
     return model, binarized
 
 
