@@ -71,7 +71,7 @@ def check_overrides(overrides: list[str], config_dir: Path, config_name: str = "
                 cfg = compose(config_name=args.config_name or config_name, overrides=choices + passthrough)
                 _check_keys_exist(cfg, [o for o, _ in key_overrides])
                 if args.cfg is None:  # --cfg only prints the config: let it show bad values
-                    _check_values(cfg, key_overrides)
+                    _check_values(cfg, key_overrides, pairs=not multirun)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(one_line(err)) from None
 
@@ -335,18 +335,22 @@ def _check_keys_exist(cfg: DictConfig, overrides: Iterable[Override]) -> None:
                 node = node[int(part)] if isinstance(node, ListConfig) else node[part]
 
 
-def _check_values(cfg: DictConfig, key_overrides: list[tuple[Override, list[Any]]]) -> None:
-    """validate() the config with the first value of every key, then each other swept value."""
+def _check_values(cfg: DictConfig, key_overrides: list[tuple[Override, list[Any]]], pairs: bool) -> None:
+    """validate() the config with the first value of every key, then each other swept value.
+
+    pairs=False leaves model x method pairs to each job: a sweep over a grid runs its sensible
+    pairs and rejects the others one by one, instead of refusing the whole grid.
+    """
     base = copy.deepcopy(cfg)
     for o, values in key_overrides:
         if values:
             OmegaConf.update(base, o.key_or_group, values[0], merge=True)  # as Hydra applies it
-    validate(base)
+    validate(base, pairs=pairs)
     for o, values in key_overrides:
         for value in values[1:]:
             job = copy.deepcopy(base)
             OmegaConf.update(job, o.key_or_group, value, merge=True)
-            validate(job)
+            validate(job, pairs=pairs)
 
 
 def _join_lines(text: str) -> str:

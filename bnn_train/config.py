@@ -91,7 +91,7 @@ def choice(default: str, *options: str) -> Any:
     return field(default=default, metadata={"choices": options})
 
 
-ACTS = ("auto", "relu", "hardtanh", "identity")
+ACTS = ("auto", "relu", "hardtanh", "identity", "rprelu")
 AUTO_BOOL = ("auto", "true", "false")  # true/false arrive as bools from YAML and the command line
 
 
@@ -173,6 +173,24 @@ class ResNet20Config:
     act: str = choice("auto", *ACTS)
 
 
+@dataclass
+class AlexNetConfig:
+    name: str = "alexnet"
+    variant: str = choice("auto", "auto", "imagenet", "cifar")
+    block_order: str = choice("standard", "standard", "xnor")
+    fc_width: Any = spec("auto", Rule(lambda v: v == "auto" or (type(v) is int and v >= 1),
+                                      "must be auto or an integer >= 1"))
+    act: str = choice("auto", *ACTS)
+
+
+@dataclass
+class BiRealConfig:
+    name: str = "bireal18"
+    stem: str = choice("auto", "auto", "imagenet", "cifar")
+    act: str = choice("auto", *ACTS)
+    shortcut: bool = True
+
+
 # method, ste, pretrain, teacher --------------------------------------------------------------
 
 
@@ -185,6 +203,22 @@ class MethodConfig:
     keep_last_real: bool = False
     keep_downsample_real: bool = False
     clip_latent: Optional[float] = spec(1.0, gt(0))  # null: no latent-weight clip
+
+
+@dataclass
+class XnorConfig(MethodConfig):
+    act_scale: str = choice("k_map", "none", "k_map")
+
+
+@dataclass
+class BinaryConnectConfig(MethodConfig):
+    stochastic: bool = False
+
+
+@dataclass
+class SwishSignConfig:
+    name: str = "swish_sign"
+    beta: float = spec(5.0, gt(0))
 
 
 @dataclass
@@ -269,15 +303,19 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "synthetic": SyntheticDataConfig,
         "imagefolder": ImageFolderConfig,
     },
-    "model": {"mlp": MLPConfig, "resnet18": ResNet18Config, "resnet20": ResNet20Config},
+    "model": {"mlp": MLPConfig, "resnet18": ResNet18Config, "resnet20": ResNet20Config,
+              "alexnet": AlexNetConfig, "bireal18": BiRealConfig, "bireal34": BiRealConfig},
     "method": {
         "fp": MethodConfig,
-        "binaryconnect": MethodConfig,
+        "binaryconnect": BinaryConnectConfig,
         "bnn": MethodConfig,
         "bwn": MethodConfig,
-        "xnor": MethodConfig,
+        "xnor": XnorConfig,
+        "bireal": MethodConfig,
+        "reactnet": MethodConfig,
     },
-    "ste": {"identity": NameOnlyConfig, "clipped": NameOnlyConfig},
+    "ste": {"identity": NameOnlyConfig, "clipped": NameOnlyConfig, "approx_sign": NameOnlyConfig,
+            "swish_sign": SwishSignConfig},
     "pretrain": {"none": NameOnlyConfig},
     "teacher": {"none": NameOnlyConfig},
     "optim": {"adam": AdamConfig, "sgd": SGDConfig},
@@ -291,8 +329,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def validate(cfg: DictConfig | Mapping) -> None:
-    """Check a composed config (what @hydra.main passes in); raise a one-line ConfigError."""
+def validate(cfg: DictConfig | Mapping, pairs: bool = True) -> None:
+    """Check a composed config (what @hydra.main passes in); raise a one-line ConfigError.
+
+    pairs: also reject model x method combinations that cannot work (`check_combination`).
+    """
     root = _resolve(cfg)
     root.pop("hydra", None)  # present only with compose(return_hydra_config=True)
     groups = {group: root.pop(group, _ABSENT) for group in SCHEMAS}
@@ -301,6 +342,19 @@ def validate(cfg: DictConfig | Mapping) -> None:
         if node is _ABSENT:
             raise ConfigError(f"{group}: missing; pick one with {group}=OPTION")
         _check_node(node, schema_for(group, node), group)
+    if pairs:
+        check_combination(groups["model"], groups["method"])
+
+
+def check_combination(model: Mapping, method: Mapping) -> None:
+    """Model x method pairs that cannot work, rejected before any data is loaded."""
+    from bnn_train.binarize.schemes import get_scheme  # torch loads only when the names are valid
+    from bnn_train.models import has_per_conv_shortcut
+
+    if get_scheme(method["name"]).needs_per_conv_shortcut and not has_per_conv_shortcut(model):
+        raise ConfigError(f"method={method['name']} model={model['name']}: {method['name']} puts RPReLU and "
+                          f"RSign around a real shortcut of every conv; use model=bireal18 or model=bireal34 "
+                          f"(with model.shortcut=true)")
 
 
 def schema_for(group: str, node: Any) -> type:

@@ -73,9 +73,20 @@ def assert_one_line_error(exc_info: pytest.ExceptionInfo, *fragments: str) -> st
 # --------------------------------------------------------------------------------------------
 
 
+# Options that only work with a particular choice in another group.
+COMPANIONS = {("method", "reactnet"): ["model=bireal18"]}
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
-    validate(composed(f"{group}={option}"))
+    validate(composed(f"{group}={option}", *COMPANIONS.get((group, option), [])))
+
+
+def test_method_that_needs_per_conv_shortcuts_is_rejected_elsewhere() -> None:
+    with pytest.raises(ConfigError, match="method=reactnet model=resnet20: .*use model=bireal18"):
+        validate(composed("method=reactnet", "model=resnet20"))
+    with pytest.raises(ConfigError, match="model.shortcut=true"):
+        validate(composed("method=reactnet", "model=bireal18", "model.shortcut=false"))
 
 
 def test_default_config_passes_check_overrides() -> None:
@@ -153,9 +164,9 @@ def test_bad_values_also_fail_in_check_overrides() -> None:
 def test_exact_messages() -> None:
     expected = {
         "optim.lr=-1": "optim.lr=-1: must be > 0",
-        "model.act=tanh": "model.act='tanh': choose one of auto, relu, hardtanh, identity",
+        "model.act=tanh": "model.act='tanh': choose one of auto, relu, hardtanh, identity, rprelu",
         "trainer.epochs=abc": "trainer.epochs='abc': must be an integer",
-        "model=nonexistent": "model=nonexistent: unknown option; choose one of: mlp, resnet18, resnet20",
+        "model=nonexistent": "model=nonexistent: unknown option; choose one of: alexnet, bireal18, bireal34, mlp, resnet18, resnet20",
     }
     for override, message in expected.items():
         with pytest.raises(ConfigError) as exc_info:

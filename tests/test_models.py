@@ -4,14 +4,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnn_train.binarize import SCHEMES, binary_layers
+from bnn_train.binarize import SCHEMES, binary_layers, get_scheme
+from bnn_train.config import check_combination
 from bnn_train.errors import ConfigError
-from bnn_train.models import MODELS, build_model
-from bnn_train.train.setup import build_network, count_parameters
+from bnn_train.models import MODELS, build_model, has_per_conv_shortcut
+from bnn_train.train.setup import build_network
 
-CONFIG = {"mlp": {"depth": 2, "width": 32}, "resnet18": {"stem": "auto"}, "resnet20": {}}
+CONFIG = {"mlp": {"depth": 2, "width": 32}, "resnet18": {"stem": "auto"}, "resnet20": {},
+          "alexnet": {"variant": "auto", "block_order": "standard", "fc_width": 64},
+          "bireal18": {"stem": "auto", "shortcut": True}, "bireal34": {"stem": "auto", "shortcut": True}}
 POLICY = {"fp": (True, True), "binaryconnect": (False, False), "bwn": (True, True), "bnn": (False, False),
-          "xnor": (True, True)}
+          "xnor": (True, True), "bireal": (True, True), "reactnet": (True, True)}
+
+
+def sensible(model, method):
+    return not get_scheme(method).needs_per_conv_shortcut or has_per_conv_shortcut(
+        OmegaConf.create({"name": model, **CONFIG[model]}))
 
 
 def make_cfg(model, method, image_size=16):
@@ -23,13 +31,18 @@ def make_cfg(model, method, image_size=16):
     })
 
 
-def test_every_model_has_a_test_config():
-    assert set(MODELS) == set(CONFIG)
+def test_every_model_and_scheme_has_a_test_config():
+    assert set(MODELS) == set(CONFIG) and set(SCHEMES) == set(POLICY)
 
 
 @pytest.mark.parametrize("method", sorted(SCHEMES))
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_forward_backward(model, method):
+    cfg = make_cfg(model, method)
+    if not sensible(model, method):
+        with pytest.raises(ConfigError, match=f"method={method} model={model}"):
+            check_combination(cfg.model, cfg.method)
+        return
     torch.manual_seed(0)
     net, binarized = build_network(make_cfg(model, method), in_channels=3, num_classes=7, image_size=16)
     x = torch.randn(4, 3, 16, 16)
@@ -39,8 +52,7 @@ def test_forward_backward(model, method):
     for p in net.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
     assert (len(binarized) == 0) == (method == "fp")
-    n_binary, n_real = count_parameters(net)
-    assert n_binary == sum(layer.weight.numel() for _, layer in binary_layers(net))
+    assert all(layer.weight.grad is not None for _, layer in binary_layers(net))
 
 
 def test_resnet18_stem_follows_input_size():
@@ -72,6 +84,10 @@ def test_binary_activations_get_hardtanh_by_default():
     assert any(isinstance(m, torch.nn.Hardtanh) for m in net.modules())
     net, _ = build_network(make_cfg("mlp", "fp"), 1, 10, 8)
     assert any(isinstance(m, torch.nn.ReLU) for m in net.modules())
+    net, _ = build_network(make_cfg("bireal18", "bireal"), 3, 10, 16)
+    assert not any(isinstance(m, (torch.nn.ReLU, torch.nn.Hardtanh)) for m in net.modules())
+    net, _ = build_network(make_cfg("bireal18", "reactnet"), 3, 10, 16)
+    assert any(type(m).__name__ == "RPReLU" for m in net.modules())
 
 
 def test_unknown_model_is_a_config_error():

@@ -43,6 +43,10 @@ def test_synthetic_run_learns_and_writes_the_contract(tmp_path):
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr"):
         assert tag in tags["scalars"], tag
     assert any(t.startswith("latent/") for t in tags["histograms"])
+    assert "flip/all" in tags["scalars"] and any(t.startswith("flip/features") for t in tags["scalars"])
+    assert "model/summary/text_summary" in tags["tensors"]
+    assert "OPs = BOPs/64 + FLOPs" in (tmp_path / "model_summary.md").read_text()
+    assert saved["model_summary"]["bops"] > 0 and saved["model_summary"]["size_packed_mb"] > 0
     assert [e.value for e in events.Scalars("val/acc")][-1] == pytest.approx(saved["final_val_acc"])
 
 

@@ -104,6 +104,23 @@ class SwishSignSTE(SignSTE):
         return f"beta={self.beta}"
 
 
+class ThresholdSign(nn.Module):
+    """ReActNet's RSign: sign(x_c - beta_c) with a learnable threshold beta per input channel c.
+
+    Liu et al. 2020, "ReActNet", eq. 2. The gradient reaches x and beta through `ste` at x - beta:
+    dL/dbeta_c = -sum over channel c of g * ste'(x - beta).
+    """
+
+    def __init__(self, channels: int, ste: SignSTE):
+        super().__init__()
+        self.ste = ste
+        self.threshold = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self.ste(x - self.threshold.view(shape))
+
+
 STES: dict[str, type[SignSTE]] = {
     cls.name: cls for cls in (IdentitySTE, ClippedSTE, ApproxSignSTE, SwishSignSTE)
 }

@@ -46,6 +46,26 @@ class ScaledSignWeight(nn.Module):
         return mean_abs_scale(w) * self.ste(w)
 
 
+class MagnitudeSignWeight(nn.Module):
+    """Bi-Real Net's magnitude-aware sign: W_b = (||W||_1 / n) * sign(W) per output channel, with
+    the paper's gradient
+        dL/dW_i = dL/dW_b,i * (||W||_1 / n) * ste'(W_i),
+    i.e. the gradient reaching the latent weights is scaled by the channel's magnitude, and the
+    derivative of the magnitude itself is dropped (alpha is a constant in backward).
+
+    Liu et al. 2018, "Bi-Real Net", sec. 3.2 (magnitude-aware gradient). (Contrast `ScaledSignWeight`, which keeps
+    d alpha/dW; and implementations that detach alpha from the forward product, which lose the
+    scale in the gradient.)
+    """
+
+    def __init__(self, ste: SignSTE):
+        super().__init__()
+        self.ste = ste
+
+    def forward(self, w: Tensor) -> Tensor:
+        return mean_abs_scale(w).detach() * self.ste(w)
+
+
 class StochasticSignWeight(nn.Module):
     """Stochastic BinaryConnect: W_b = +1 with probability clip((W + 1) / 2, 0, 1), else -1, while
     training; deterministic sign(W) in eval mode.
@@ -65,7 +85,8 @@ class StochasticSignWeight(nn.Module):
 
 
 WEIGHT_BINARIZERS: dict[str, type[nn.Module]] = {
-    "sign": SignWeight, "scaled_sign": ScaledSignWeight, "stochastic_sign": StochasticSignWeight}
+    "sign": SignWeight, "scaled_sign": ScaledSignWeight, "magnitude_sign": MagnitudeSignWeight,
+    "stochastic_sign": StochasticSignWeight}
 
 
 class ConvActivationScale(nn.Module):

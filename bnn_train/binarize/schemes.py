@@ -11,9 +11,12 @@ from bnn_train.errors import ConfigError
 class Scheme:
     """One binarization method.
 
-    weight: None (real), "sign" or "scaled_sign" (see `scaling.WEIGHT_BINARIZERS`).
+    weight: None (real) or a key of `scaling.WEIGHT_BINARIZERS`.
     weight_ste: the estimator of the weight path (the `ste` group only sets the activation path).
     binary_activations: sign() on the input of every binarized layer but the network's first.
+    learnable_threshold: the activation sign is ReActNet's RSign, sign(x - beta_c).
+    act: activation the model uses under `model.act=auto` (None: the model's own default).
+    needs_per_conv_shortcut: only for architectures with a real shortcut around every conv.
     """
 
     name: str
@@ -22,6 +25,9 @@ class Scheme:
     binary_activations: bool
     summary: str
     paper: str
+    learnable_threshold: bool = False
+    act: str | None = None
+    needs_per_conv_shortcut: bool = False
 
     @property
     def binarizes(self) -> bool:
@@ -42,6 +48,14 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("xnor", "scaled_sign", "clipped", True,
                "weights alpha*sign(W) per output channel, activations sign(x)",
                "Rastegari et al. 2016, XNOR-Net"),
+        Scheme("bireal", "magnitude_sign", "clipped", True,
+               "magnitude-aware weights (||W||_1/n)*sign(W) with the paper's scaled gradient; "
+               "activations sign(x), ApproxSign estimator by default",
+               "Liu et al. 2018, Bi-Real Net"),
+        Scheme("reactnet", "magnitude_sign", "clipped", True,
+               "Bi-Real weights; activations RSign sign(x - beta_c) and RPReLU after each block",
+               "Liu et al. 2020, ReActNet", learnable_threshold=True, act="rprelu",
+               needs_per_conv_shortcut=True),
     )
 }
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnn_train.binarize.layers import BINARY_LAYERS, BinaryConv2d, BinaryLinear
-from bnn_train.binarize.quantizers import build_ste
+from bnn_train.binarize.quantizers import ThresholdSign, build_ste
 from bnn_train.binarize.scaling import WEIGHT_BINARIZERS, activation_scale_for
 from bnn_train.binarize.schemes import get_scheme
 from bnn_train.errors import ConfigError
@@ -61,11 +61,17 @@ def binarize_(
         weight_q = WEIGHT_BINARIZERS[weight_kind](build_ste(spec.weight_ste)) if spec.weight else None
         binary_input = spec.binary_activations and name != first
         input_q = build_ste(ste, **(ste_options or {})) if binary_input else None
+        if binary_input and spec.learnable_threshold:
+            input_q = ThresholdSign(_in_channels(layer), input_q)
         scale = activation_scale_for(layer) if binary_input and act_scale == "k_map" else None
         model.set_submodule(name, BINARY_LAYERS[type(layer)].from_float(layer, weight_q, input_q, scale))
         done.append(name)
     log.info("binarized %d of %d layers with %s", len(done), len(layers), scheme)
     return done
+
+
+def _in_channels(layer: nn.Module) -> int:
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
 
 def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -10,13 +10,15 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Module):
+    per_conv_shortcut = False
+
     def __init__(self, in_features: int, num_classes: int, depth: int, width: int, act_layer,
                  dropout: float = 0.0, final_bn: bool = True):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         for i in range(depth):
             layers += [nn.Linear(in_features if i == 0 else width, width, bias=False),
-                       nn.BatchNorm1d(width), act_layer()]
+                       nn.BatchNorm1d(width), act_layer(width)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         self.features = nn.Sequential(*layers)

@@ -19,8 +19,8 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, act_layer):
         super().__init__()
-        self.conv1, self.bn1, self.act1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), act_layer()
-        self.conv2, self.bn2, self.act2 = conv3x3(cout, cout), nn.BatchNorm2d(cout), act_layer()
+        self.conv1, self.bn1, self.act1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), act_layer(cout)
+        self.conv2, self.bn2, self.act2 = conv3x3(cout, cout), nn.BatchNorm2d(cout), act_layer(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -32,6 +32,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    per_conv_shortcut = False  # shortcuts span two convs (Bi-Real Net has one per conv)
+
     def __init__(self, stem: nn.Module, stem_channels: int, widths: list[int], blocks: list[int],
                  num_classes: int, act_layer):
         super().__init__()
@@ -55,13 +57,13 @@ class ResNet(nn.Module):
 
 def imagenet_stem(cin: int, cout: int, act_layer) -> nn.Sequential:
     """7x7 stride-2 conv, BN, act, 3x3 stride-2 max-pool: /4 for 224-px inputs."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 7, 2, 3, bias=False), nn.BatchNorm2d(cout), act_layer(),
+    return nn.Sequential(nn.Conv2d(cin, cout, 7, 2, 3, bias=False), nn.BatchNorm2d(cout), act_layer(cout),
                          nn.MaxPool2d(3, 2, 1))
 
 
 def cifar_stem(cin: int, cout: int, act_layer) -> nn.Sequential:
     """3x3 stride-1 conv, BN, act, no pooling: keeps 32-px inputs at full resolution."""
-    return nn.Sequential(conv3x3(cin, cout), nn.BatchNorm2d(cout), act_layer())
+    return nn.Sequential(conv3x3(cin, cout), nn.BatchNorm2d(cout), act_layer(cout))
 
 
 # Inputs below this size get the CIFAR stem under stem=auto.

@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from bnn_train.analysis import FlipTracker, summarize
 from bnn_train.binarize import clip_latent_
 from bnn_train.config import flatten
 from bnn_train.data import build_data
@@ -24,7 +25,7 @@ from bnn_train.errors import CheckpointError, TrainingError
 from bnn_train.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bnn_train.train.optim import build_optimizer, build_scheduler
 from bnn_train.train.records import log_hparams, log_latent_histograms, write_json_atomic
-from bnn_train.train.setup import binary_weights, build_network, count_parameters, resolve_device
+from bnn_train.train.setup import binary_weights, build_network, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     """Train the configured network; write tb/, checkpoints/ and metrics.json into `run_dir`."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     tc = cfg.trainer
@@ -40,10 +42,13 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     data = build_data(cfg.data, device=device, seed=cfg.seed)
     model, binarized = build_network(cfg, data.in_channels, data.num_classes, data.image_size)
     model.to(device)
-    n_binary, n_real = count_parameters(model)
-    log.info("%s / %s on %s: %d binarized layers, %d binary + %d real parameters; data %s (%d train, %d val)",
-             cfg.model.name, cfg.method.name, device, len(binarized), n_binary, n_real,
-             data.name, data.num_train, data.num_val)
+    summary = summarize(model, (data.in_channels, data.image_size, data.image_size))
+    (run_dir / "model_summary.md").write_text(summary.to_markdown() + "\n")
+    t = summary.totals
+    log.info("%s / %s on %s: %d binarized layers, %d binary + %d real parameters; %.3g BOPs + %.3g FLOPs = "
+             "%.3g OPs; %.2f MB packed vs %.2f MB fp32 (model_summary.md)", cfg.model.name, cfg.method.name,
+             device, len(binarized), t["binary_params"], t["real_params"], t["bops"], t["flops"], t["ops"],
+             t["size_packed_mb"], t["size_fp32_mb"])
     steps_per_epoch = _limit(len(data.train), tc.limit_train_batches)
     optimizer = build_optimizer(model, cfg.optim, binary_weights(model))
     scheduler = build_scheduler(optimizer, cfg.sched, steps_per_epoch, tc.epochs)
@@ -62,6 +67,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     # On resume, drop points logged after the checkpoint so curves don't double back.
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=progress["step"] + 1 if progress["step"] else None)
+    writer.add_text("model/summary", summary.to_markdown(), progress["step"])
+    flips = FlipTracker(model)  # sign changes of binary weights between log points
     show_bar = tc.progress is True or tc.progress == "true" or (tc.progress == "auto" and sys.stderr.isatty())
 
     def checkpoint(name: str) -> None:
@@ -81,7 +88,7 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
             "steps": progress["step"],
             "train_time_s": progress["train_time_s"],
             "train_samples_per_s": progress["train_samples"] / max(progress["train_time_s"], 1e-9),
-            "binary_params": n_binary, "real_params": n_real,
+            "model_summary": summary.totals,
             "history": history, "choices": choices or {}, "config": hparams,
         }
         write_json_atomic(run_dir / "metrics.json", metrics)
@@ -121,6 +128,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
                     writer.add_scalar("train/loss", win_loss / win_seen, progress["step"])
                     writer.add_scalar("train/acc", win_correct / win_seen, progress["step"])
                     writer.add_scalar("lr", optimizer.param_groups[0]["lr"], progress["step"])
+                    for tag, ratio in flips.update().items():
+                        writer.add_scalar(tag, ratio, progress["step"])
                     win_loss, win_correct, win_seen = 0.0, 0, 0
                 bar.set_postfix(loss=f"{sum_loss / seen:.3f}", acc=f"{sum_correct / seen:.3f}",
                                 samples_s=f"{seen / (time.perf_counter() - t0):.0f}")

@@ -7,7 +7,7 @@ from torch import nn
 
 from bnn_train.binarize import binarize_, binary_layers, get_scheme
 from bnn_train.errors import ConfigError
-from bnn_train.models import build_model
+from bnn_train.models import build_model, has_per_conv_shortcut
 
 
 def resolve_device(name: str) -> torch.device:
@@ -20,11 +20,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def activation_for(cfg) -> str:
-    """model.act=auto: hardtanh when activations are binarized (sign after ReLU would be +1
-    everywhere; Hardtanh's gradient is the clipped STE's window), ReLU otherwise."""
+    """model.act=auto: the scheme's own activation if it has one (ReActNet: RPReLU); with binary
+    activations, identity on Bi-Real-style models (the next conv's sign is the nonlinearity and the
+    real shortcut must not be clipped) and hardtanh elsewhere (sign after ReLU would be +1
+    everywhere); ReLU for real activations."""
     if cfg.model.act != "auto":
         return cfg.model.act
-    return "hardtanh" if get_scheme(cfg.method.name).binary_activations else "relu"
+    scheme = get_scheme(cfg.method.name)
+    if scheme.act:
+        return scheme.act
+    if not scheme.binary_activations:
+        return "relu"
+    return "identity" if has_per_conv_shortcut(cfg.model) else "hardtanh"
 
 
 def build_network(cfg, in_channels: int, num_classes: int, image_size: int) -> tuple[nn.Module, list[str]]:
@@ -42,8 +49,3 @@ def build_network(cfg, in_channels: int, num_classes: int, image_size: int) -> t
 def binary_weights(model: nn.Module) -> list[nn.Parameter]:
     return [layer.weight for _, layer in binary_layers(model)]
 
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(binary, real) parameter counts: binary = latent weights of binarized layers."""
-    binary = sum(p.numel() for p in binary_weights(model))
-    return binary, sum(p.numel() for p in model.parameters()) - binary
