@@ -40,6 +40,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnn_train.config import describe_node, unknown_key_error, validate
+from bnn_train import sweep
 from bnn_train.errors import ConfigError, UserError
 
 __all__ = ["check_overrides", "run_cli", "report_user_errors", "one_line"]
@@ -95,6 +96,7 @@ def run_cli(main_fn: Callable[[], T]) -> T:
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(getattr(err, "exit_code", ConfigError.exit_code)) from None
     finally:
+        sweep.print_summary()
         _user_wants_traceback = None
         if saved is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

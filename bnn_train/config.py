@@ -153,7 +153,7 @@ class ImageFolderConfig(DataConfig):
 @dataclass
 class MLPConfig:
     name: str = "mlp"
-    depth: int = spec(3, ge(1))
+    depth: int = spec(3, ge(0))  # 0: a linear classifier
     width: int = spec(1024, ge(1))
     act: str = choice("auto", *ACTS)
     dropout: float = spec(0.0, in_range(0, 1))
@@ -290,8 +290,11 @@ class TrainerConfig:
     log_every_n_steps: int = spec(20, ge(1))
     hist_every_n_epochs: int = spec(5, ge(1))
     progress: Any = choice("auto", *AUTO_BOOL)
-    resume: bool = False
+    resume: Any = choice(False, *AUTO_BOOL)  # auto: continue when checkpoints/last.pt exists
     checkpoint: bool = True
+    ckpt_every_n_steps: Optional[int] = spec(None, ge(1))
+    skip_nonfinite: int = spec(0, ge(0))
+    deterministic: bool = False
 
 
 # registry: group -> option `name` -> schema. Nodes without a `name` key use "default".

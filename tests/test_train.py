@@ -127,12 +127,52 @@ def test_mnist_bnn_mlp_reaches_90_percent(tmp_path):
     assert metrics["final_val_acc"] >= 0.90
 
 
-def test_cli_sweep_gives_one_run_per_job(tmp_path):
+def test_cli_sweep_gives_one_named_run_per_job_in_one_hparams_table(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", "method=fp,bnn", *FAST, "trainer.epochs=1",
            f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = sorted(sweep.glob("*/metrics.json"))
-    assert len(runs) == 2
+    assert [p.parent.name for p in runs] == [
+        "0_data=synthetic,method=fp,model.depth=2,model.width=64,model=mlp,trainer.epochs=1",
+        "1_data=synthetic,method=bnn,model.depth=2,model.width=64,model=mlp,trainer.epochs=1"]
     assert {json.loads(p.read_text())["choices"]["method"] for p in runs} == {"fp", "bnn"}
+    for run in runs:  # each job's HParams row, read back with TensorBoard's own reader
+        events = EventAccumulator(str(run.parent / "tb")).Reload()
+        assert b"method" in events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        assert "hparams/best_val_acc" in events.Tags()["scalars"]
+        assert [e.step for e in events.Scalars("val/acc")] == [16]  # tags and steps line up across runs
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path):
+    _, first = run(tmp_path, "trainer.epochs=1", "trainer.resume=auto")
+    assert first["epochs_completed"] == 1
+    _, again = run(tmp_path, "trainer.epochs=2", "trainer.resume=auto")  # a requeued job
+    assert again["epochs_completed"] == 2 and len(again["history"]) == 2
+
+
+def test_slurm_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONFIG_DIR
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                                          "trainer.resume=auto"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.trainer.resume == "auto"
+
+
+def test_sweep_with_a_failing_job_keeps_the_others_and_summarizes(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "method=bnn,reactnet", *FAST, "trainer.epochs=1",
+           f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "1 of 2 jobs completed, 1 failed:" in result.stderr
+    assert "job 1 (method=reactnet" in result.stderr and "use model=bireal18" in result.stderr
+    done = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert [m["choices"]["method"] for m in done] == ["bnn"] and done[0]["status"] == "completed"
+    statuses = [json.loads(line)["status"] for line in (sweep / "sweep_status.jsonl").read_text().splitlines()]
+    assert statuses == ["completed", "failed"]

@@ -294,6 +294,8 @@ class _EpochBatchSampler(Sampler):
     def __init__(self, n: int, batch_size: int, *, train: bool, seed: int):
         self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
         self.epoch = 0
+        self.rank, self.world = 0, 1  # set by StreamingLoader.shard for data-parallel training
+        self.start_batch = 0  # set by StreamingLoader.set_epoch to resume mid-epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -310,8 +312,10 @@ class _EpochBatchSampler(Sampler):
             # fixed shuffle: a limit_val_batches prefix must sample every class, not the first
             order = val_order(self.n).tolist()
             seeds = [None] * self.n
-        for b in range(len(self)):
-            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        part = self.batch_size // self.world if self.train else self.batch_size
+        for b in range(self.start_batch if self.train else 0, len(self)):
+            start = b * self.batch_size + (self.rank * part if self.train else 0)
+            sl = slice(start, start + part)
             yield list(zip(order[sl], seeds[sl]))
 
 
@@ -388,8 +392,13 @@ class StreamingLoader:
     def num_samples(self) -> int:
         return self.sampler.n
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch)
+        self.sampler.start_batch = int(start_batch)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Training batches: decode and yield only this process's slice of every global batch."""
+        self.sampler.rank, self.sampler.world = rank, world
 
     def __len__(self) -> int:
         return len(self.sampler)

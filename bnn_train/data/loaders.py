@@ -120,15 +120,25 @@ class TensorLoader:
         self.train = train
         self.augment = augment if train else None
         self.seed = seed
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
+        self.rank, self.world = 0, 1
 
     @property
     def num_samples(self) -> int:
         return len(self.y)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffling and augmentation of `epoch` (deterministic given the seed)."""
-        self.epoch = int(epoch)
+    def shard(self, rank: int, world: int) -> None:
+        """Training batches: yield only this process's slice of every global batch.
+
+        The epoch's order and augmentation are drawn for the global batch, so the union over
+        ranks is exactly the single-process batch (data-parallel training of the same recipe).
+        """
+        self.rank, self.world = rank, world
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the shuffling and augmentation of `epoch` (deterministic given the seed);
+        start_batch > 0 resumes that epoch after its first `start_batch` training batches."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         n, bs = self.num_samples, self.batch_size
@@ -147,8 +157,10 @@ class TensorLoader:
         perm = torch.randperm(n, generator=gen).to(device)
         if self.augment is not None:
             offsets, flips = (t.to(device) for t in self.augment.draw(n, gen))
-        for i in range(len(self)):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        part = self.batch_size // self.world
+        for i in range(self.start_batch, len(self)):
+            start = i * self.batch_size + self.rank * part
+            sl = slice(start, start + part)
             idx = perm[sl]
             xb = self.x[idx]
             if self.augment is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -22,9 +23,10 @@ from bnn_train.binarize import clip_latent_
 from bnn_train.config import flatten
 from bnn_train.data import build_data
 from bnn_train.errors import CheckpointError, TrainingError
+from bnn_train.train import distributed
 from bnn_train.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bnn_train.train.optim import build_optimizer, build_scheduler
-from bnn_train.train.records import log_hparams, log_latent_histograms, write_json_atomic
+from bnn_train.train.records import NullWriter, log_hparams, log_latent_histograms, write_json_atomic
 from bnn_train.train.setup import binary_weights, build_network, resolve_device
 
 log = logging.getLogger(__name__)
@@ -35,46 +37,58 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.trainer.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+    world = distributed.world_from_env()  # torchrun: one process per device, rank 0 writes
+    device = distributed.init(world, resolve_device(cfg.device), cfg.data.batch_size)
+    main = world.is_main
     tc = cfg.trainer
 
     # ---- build: data, binarized model, optimizer, schedule --------------------------------
     data = build_data(cfg.data, device=device, seed=cfg.seed)
-    model, binarized = build_network(cfg, data.in_channels, data.num_classes, data.image_size)
-    model.to(device)
-    summary = summarize(model, (data.in_channels, data.image_size, data.image_size))
-    (run_dir / "model_summary.md").write_text(summary.to_markdown() + "\n")
+    if world.enabled:
+        data.train.shard(world.rank, world.world)
+    net, binarized = build_network(cfg, data.in_channels, data.num_classes, data.image_size)
+    net.to(device)
+    summary = summarize(net, (data.in_channels, data.image_size, data.image_size))
+    if main:
+        (run_dir / "model_summary.md").write_text(summary.to_markdown() + "\n")
     t = summary.totals
     log.info("%s / %s on %s: %d binarized layers, %d binary + %d real parameters; %.3g BOPs + %.3g FLOPs = "
              "%.3g OPs; %.2f MB packed vs %.2f MB fp32 (model_summary.md)", cfg.model.name, cfg.method.name,
              device, len(binarized), t["binary_params"], t["real_params"], t["bops"], t["flops"], t["ops"],
              t["size_packed_mb"], t["size_fp32_mb"])
     steps_per_epoch = _limit(len(data.train), tc.limit_train_batches)
-    optimizer = build_optimizer(model, cfg.optim, binary_weights(model))
+    optimizer = build_optimizer(net, cfg.optim, binary_weights(net))
     scheduler = build_scheduler(optimizer, cfg.sched, steps_per_epoch, tc.epochs)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
                 else nullcontext())
 
     # ---- resume ------------------------------------------------------------------------
     progress = {"epoch": 0, "step": 0, "best_val_acc": 0.0, "history": [], "train_time_s": 0.0,
-                "train_samples": 0}
+                "train_samples": 0, "skipped_nonfinite": 0, "partial": None}
     ckpt_file = _resume_file(cfg, run_dir)
     if ckpt_file is not None:
-        progress = _restore(ckpt_file, model, optimizer, scheduler)
+        progress = _restore(ckpt_file, net, optimizer, scheduler)
         log.info("resumed from %s at epoch %d (step %d)", ckpt_file, progress["epoch"], progress["step"])
 
     hparams = {**{k: v for k, v in (choices or {}).items()}, **flatten(cfg)}
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     # On resume, drop points logged after the checkpoint so curves don't double back.
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=progress["step"] + 1 if progress["step"] else None)
+    writer = (SummaryWriter(str(run_dir / "tb"), purge_step=progress["step"] + 1 if progress["step"] else None)
+              if main else NullWriter())
+    model = distributed.wrap(net, world, device)  # the module the loop trains; `net` is what is saved
     writer.add_text("model/summary", summary.to_markdown(), progress["step"])
-    flips = FlipTracker(model)  # sign changes of binary weights between log points
-    show_bar = tc.progress is True or tc.progress == "true" or (tc.progress == "auto" and sys.stderr.isatty())
+    flips = FlipTracker(net)  # sign changes of binary weights between log points
+    show_bar = main and (tc.progress is True or tc.progress == "true" or (tc.progress == "auto" and sys.stderr.isatty()))
 
     def checkpoint(name: str) -> None:
-        if tc.checkpoint:
+        if tc.checkpoint and main:
+            writer.flush()  # every point up to this step is on disk before the checkpoint says so
             save_checkpoint(run_dir / "checkpoints" / name, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "progress": progress, "rng": rng_state(),
                 "binarized_layers": binarized, "config": config_dict})
 
@@ -91,29 +105,33 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
             "model_summary": summary.totals,
             "history": history, "choices": choices or {}, "config": hparams,
         }
-        write_json_atomic(run_dir / "metrics.json", metrics)
+        if main:
+            write_json_atomic(run_dir / "metrics.json", metrics)
         return metrics
 
     # ---- epochs --------------------------------------------------------------------------
     metrics = write_metrics("running")
     with logging_redirect_tqdm():
         for epoch in range(progress["epoch"], tc.epochs):
-            data.train.set_epoch(epoch)
+            # Running sums of this epoch; a mid-epoch checkpoint carries them, so a resumed epoch
+            # continues its order, its averages and its log windows where they stopped.
+            part = progress["partial"] or {"batch": 0, "loss": 0.0, "correct": 0, "seen": 0, "time_s": 0.0,
+                                           "win_loss": 0.0, "win_correct": 0, "win_seen": 0}
+            data.train.set_epoch(epoch, start_batch=part["batch"])
             model.train()
-            t0 = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not show_bar,
-                       leave=False, dynamic_ncols=True)
-            sum_loss, sum_correct, seen = 0.0, 0, 0
-            win_loss, win_correct, win_seen = 0.0, 0, 0
-            for i, (x, y) in enumerate(data.train):
-                if i >= steps_per_epoch:
+            t0 = time.perf_counter() - part["time_s"]
+            bar = tqdm(total=steps_per_epoch, initial=part["batch"], desc=f"epoch {epoch + 1}/{tc.epochs}",
+                       disable=not show_bar, leave=False, dynamic_ncols=True)
+            for x, y in data.train:
+                if part["batch"] >= steps_per_epoch:
                     break
+                part["batch"] += 1
                 with autocast:
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), y)
                 if not math.isfinite(loss.item()):
-                    raise TrainingError(f"non-finite loss ({loss.item()}) at step {progress['step'] + 1}; "
-                                        f"lower optim.lr or check the data (last good checkpoint kept)")
+                    _nonfinite(loss.item(), progress, tc.skip_nonfinite)
+                    continue
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -122,20 +140,29 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
                 progress["step"] += 1
 
                 n, correct = y.numel(), (logits.argmax(1) == y).sum().item()
-                sum_loss, sum_correct, seen = sum_loss + loss.item() * n, sum_correct + correct, seen + n
-                win_loss, win_correct, win_seen = win_loss + loss.item() * n, win_correct + correct, win_seen + n
+                for prefix in ("", "win_"):
+                    part[prefix + "loss"] += loss.item() * n
+                    part[prefix + "correct"] += correct
+                    part[prefix + "seen"] += n
                 if progress["step"] % tc.log_every_n_steps == 0:
-                    writer.add_scalar("train/loss", win_loss / win_seen, progress["step"])
-                    writer.add_scalar("train/acc", win_correct / win_seen, progress["step"])
+                    writer.add_scalar("train/loss", part["win_loss"] / part["win_seen"], progress["step"])
+                    writer.add_scalar("train/acc", part["win_correct"] / part["win_seen"], progress["step"])
                     writer.add_scalar("lr", optimizer.param_groups[0]["lr"], progress["step"])
                     for tag, ratio in flips.update().items():
                         writer.add_scalar(tag, ratio, progress["step"])
-                    win_loss, win_correct, win_seen = 0.0, 0, 0
-                bar.set_postfix(loss=f"{sum_loss / seen:.3f}", acc=f"{sum_correct / seen:.3f}",
-                                samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                    part.update(win_loss=0.0, win_correct=0, win_seen=0)
+                if tc.ckpt_every_n_steps and progress["step"] % tc.ckpt_every_n_steps == 0:
+                    part["time_s"] = time.perf_counter() - t0
+                    progress["partial"] = part
+                    checkpoint("last.pt")
+                bar.set_postfix(loss=f"{part['loss'] / part['seen']:.3f}", acc=f"{part['correct'] / part['seen']:.3f}",
+                                samples_s=f"{part['seen'] / (time.perf_counter() - t0):.0f}")
                 bar.update()
             bar.close()
             epoch_time = time.perf_counter() - t0
+            progress["partial"] = None
+            sum_loss, sum_correct, seen = distributed.all_sum([part["loss"], part["correct"], part["seen"]],
+                                                              world, device)
 
             val_loss, val_acc = evaluate(model, data.val, tc.limit_val_batches, autocast)
             progress["epoch"] = epoch + 1
@@ -151,7 +178,7 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
             writer.add_scalar("val/acc", val_acc, step)
             writer.add_scalar("epoch", epoch + 1, step)
             if (epoch + 1) % tc.hist_every_n_epochs == 0 or epoch + 1 == tc.epochs:
-                log_latent_histograms(writer, model, step)
+                log_latent_histograms(writer, net, step)
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1f s, %.0f samples/s)",
                      epoch + 1, tc.epochs, sum_loss / max(seen, 1), sum_correct / max(seen, 1), val_loss,
                      val_acc, epoch_time, seen / max(epoch_time, 1e-9))
@@ -167,6 +194,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
                                   "final_val_acc": metrics["final_val_acc"] or 0.0,
                                   "train_time_s": metrics["train_time_s"]})
     writer.close()
+    distributed.shutdown(world)
+    torch.use_deterministic_algorithms(was_deterministic)
     log.info("best val acc %.4f, final %.4f, %d epochs in %.1f s -> %s", metrics["best_val_acc"],
              metrics["final_val_acc"] or 0.0, metrics["epochs_completed"], metrics["train_time_s"], run_dir)
     return metrics
@@ -188,17 +217,32 @@ def evaluate(model, loader, limit: int | None, autocast) -> tuple[float, float]:
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
+def _nonfinite(value: float, progress: dict, allowed: int) -> None:
+    """Skip the batch while fewer than `allowed` have been skipped, else stop the run."""
+    step = progress["step"] + 1
+    if progress["skipped_nonfinite"] >= allowed:
+        raise TrainingError(f"non-finite loss ({value}) at step {step}; lower optim.lr or check the data, or "
+                            f"set trainer.skip_nonfinite=N to skip such batches (last good checkpoint kept)")
+    progress["skipped_nonfinite"] += 1
+    log.warning("non-finite loss (%s) at step %d: batch skipped (%d of %d allowed)", value, step,
+                progress["skipped_nonfinite"], allowed)
+
+
 def _limit(n_batches: int, limit: int | None) -> int:
     return n_batches if limit is None else min(n_batches, limit)
 
 
 def _resume_file(cfg, run_dir: Path) -> Path | None:
-    """checkpoints/last.pt of this run dir when trainer.resume, else ckpt_path, else None."""
-    if cfg.trainer.resume:
+    """checkpoints/last.pt of this run dir when trainer.resume, else ckpt_path, else None.
+
+    resume=auto continues when last.pt exists and starts fresh otherwise: a requeued cluster job
+    runs the same command again and picks up where it stopped."""
+    resume = str(cfg.trainer.resume).lower()
+    if resume in ("true", "auto"):
         last = run_dir / "checkpoints" / "last.pt"
         if last.is_file():
             return last
-        if cfg.ckpt_path is None:
+        if resume == "true" and cfg.ckpt_path is None:
             raise CheckpointError(f"trainer.resume=true but {last} does not exist; point hydra.run.dir at the "
                                   f"run to resume (or pass ckpt_path=PATH)")
     return Path(cfg.ckpt_path) if cfg.ckpt_path is not None else None

@@ -27,3 +27,10 @@ def log_latent_histograms(writer: SummaryWriter, model, step: int) -> None:
 def log_hparams(writer: SummaryWriter, hparams: dict, metrics: dict) -> None:
     """One row of the HParams table, in the run's own folder (run_name='.')."""
     writer.add_hparams(hparams, {f"hparams/{k}": v for k, v in metrics.items()}, run_name=".")
+
+
+class NullWriter:
+    """Stands in for SummaryWriter on processes that must not write (ranks other than 0)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
