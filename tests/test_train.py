@@ -176,3 +176,36 @@ def test_sweep_with_a_failing_job_keeps_the_others_and_summarizes(tmp_path):
     assert [m["choices"]["method"] for m in done] == ["bnn"] and done[0]["status"] == "completed"
     statuses = [json.loads(line)["status"] for line in (sweep / "sweep_status.jsonl").read_text().splitlines()]
     assert statuses == ["completed", "failed"]
+
+
+def _nan_on_calls(monkeypatch, calls):
+    import bnn_train.train.loop as loop
+
+    real, count = loop.F.cross_entropy, {"n": 0}
+
+    def cross_entropy(logits, y, **kwargs):
+        loss = real(logits, y, **kwargs)
+        if not kwargs:  # training calls; evaluation passes reduction="sum"
+            count["n"] += 1
+            if count["n"] in calls:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", cross_entropy)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from bnn_train.errors import TrainingError
+
+    _nan_on_calls(monkeypatch, {3})
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 3; .*skip_nonfinite"):
+        run(tmp_path, "trainer.epochs=1", "trainer.ckpt_every_n_steps=1")
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                                 if v.is_floating_point())
+
+
+def test_skip_nonfinite_skips_up_to_n_batches(tmp_path, monkeypatch):
+    _nan_on_calls(monkeypatch, {2, 5})
+    _, metrics = run(tmp_path, "trainer.epochs=1", "trainer.skip_nonfinite=2")
+    assert metrics["steps"] == 16 - 2 and metrics["status"] == "completed"
