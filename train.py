@@ -24,11 +24,11 @@ OmegaConf.register_new_resolver("pid", os.getpid, replace=True)  # used in confi
 @report_user_errors
 def main(cfg: DictConfig) -> float:
     validate(cfg)
-    from bnn_train.train.loop import fit  # torch loads only once the config is known to be good
+    from bnn_train.train import stages  # torch loads only once the config is known to be good
 
     runtime = HydraConfig.get().runtime
     choices = {k: v for k, v in runtime.choices.items() if not k.startswith("hydra/")}
-    metrics = fit(cfg, Path(runtime.output_dir), choices)
+    metrics = stages.run(cfg, Path(runtime.output_dir), choices)
     return metrics["best_val_acc"]  # the value a Hydra sweeper optimizes
 
 

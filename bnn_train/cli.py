@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
@@ -73,8 +74,11 @@ def check_overrides(overrides: list[str], config_dir: Path, config_name: str = "
                 _check_keys_exist(cfg, [o for o, _ in key_overrides])
                 if args.cfg is None:  # --cfg only prints the config: let it show bad values
                     _check_values(cfg, key_overrides, pairs=not multirun)
+                    _check_checkpoint_paths(cfg, key_overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(one_line(err)) from None
+    if args.cfg is None:  # the run (or sweep) folder Hydra will create before the job starts
+        _check_output_dir(parsed, multirun, Path(config_dir), args.config_name or config_name)
 
 
 def run_cli(main_fn: Callable[[], T]) -> T:
@@ -90,8 +94,11 @@ def run_cli(main_fn: Callable[[], T]) -> T:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         return main_fn()
-    except (UserError, CompactHydraException) as err:
-        if _user_wants_traceback:
+    except (UserError, CompactHydraException, OSError) as caught:
+        # OSError: Hydra's own file work (creating the run folder, .hydra/, train.log) happens
+        # outside the task, where report_user_errors cannot see it.
+        err = caught if not isinstance(caught, OSError) else _as_user_error(caught)
+        if err is None or _user_wants_traceback:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(getattr(err, "exit_code", ConfigError.exit_code)) from None
@@ -117,17 +124,33 @@ def report_user_errors(task_fn: Callable[[DictConfig], T]) -> Callable[[DictConf
     def task(cfg: DictConfig) -> T:
         try:
             return task_fn(cfg)
-        except UserError as err:
-            if _traceback_wanted():
+        except (UserError, OSError) as caught:
+            err = _as_user_error(caught)
+            if err is None or _traceback_wanted():
                 raise
             if _in_multirun():
                 log.error("%s", one_line(err))
-                raise
+                if err is caught:
+                    raise
+                raise err from caught
             print(f"error: {one_line(err)}", file=sys.stderr)
             # SystemExit is not an Exception: it passes Hydra's handlers untouched.
             raise SystemExit(err.exit_code) from None
 
     return task
+
+
+def _as_user_error(err: BaseException) -> Optional[UserError]:
+    """A UserError as is; an OSError about a named file (a full disk, a read-only or vanished
+    folder, a permission) as a one-line UserError; None for anything else (a bug: traceback)."""
+    if isinstance(err, UserError):
+        return err
+    if not isinstance(err, OSError) or err.filename is None:
+        return None
+    name = str(err.filename) + (f" -> {err.filename2}" if err.filename2 is not None else "")
+    reason = err.strerror or type(err).__name__
+    return UserError(f"cannot use {name} ({reason}): check that path, its permissions and free space, or set "
+                     f"hydra.run.dir=PATH to a writable folder (HYDRA_FULL_ERROR=1 shows where it failed)")
 
 
 def _traceback_wanted() -> bool:
@@ -353,6 +376,80 @@ def _check_values(cfg: DictConfig, key_overrides: list[tuple[Override, list[Any]
             job = copy.deepcopy(base)
             OmegaConf.update(job, o.key_or_group, value, merge=True)
             validate(job, pairs=pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# Files the run will need: the checkpoint it starts from, the folder it writes into
+# --------------------------------------------------------------------------------------------
+
+
+def _check_checkpoint_paths(cfg: DictConfig, key_overrides: list[tuple[Override, list[Any]]]) -> None:
+    """ckpt_path (each swept value) must be a file that can be a checkpoint: a missing, empty,
+    text or truncated file is reported before the data is loaded (torch loads it later)."""
+    paths = next((values for o, values in key_overrides if o.key_or_group == "ckpt_path"), None)
+    if paths is None:
+        paths = [OmegaConf.select(cfg, "ckpt_path", default=None)]  # e.g. set by an experiment
+    paths = [p for p in paths if p is not None and str(p) not in ("", "null")]
+    if paths:
+        from bnn_train.train.checkpoint import check_checkpoint_file  # imports torch: only when needed
+
+        for path in paths:
+            check_checkpoint_file(str(path))
+
+
+# Hydra's own defaults, when the primary config does not set them.
+_HYDRA_DIRS = {"hydra.run.dir": "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}",
+               "hydra.sweep.dir": "multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"}
+
+
+def _check_output_dir(parsed: list[Override], multirun: bool, config_dir: Path, config_name: str) -> None:
+    """Fail before any work when Hydra could not create the run (or sweep) folder.
+
+    Hydra creates it just before the job, outside the task, and an error there is a traceback.
+    The folder's first existing ancestor must be a folder in which a folder can be made (tried
+    for real: root passes every permission check, yet cannot write under /proc or a read-only
+    mount). Interpolations (${now:...}) are cut off: only the fixed part of the path is checked.
+    """
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override()
+             and o.type != OverrideType.DEL]
+    if given:
+        value, shown = str(given[-1].value()), f"{key}={given[-1].value()}"
+    else:
+        value = _configured_dir(config_dir, config_name, key)
+        shown = f"{key}={value} (the default, under {os.getcwd()})"
+    folder = _fixed_part(value)
+    ancestor = Path(os.path.abspath(folder))
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{shown}: cannot create the output folder, {ancestor} is a file, not a folder; "
+                          f"set {key}=PATH to a folder that can be created")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bnn-train-write-check-", dir=ancestor))
+    except OSError as err:
+        raise ConfigError(f"{shown}: cannot create the output folder, {ancestor} does not accept new folders "
+                          f"({err.strerror}); set {key}=PATH to a writable folder") from None
+
+
+def _configured_dir(config_dir: Path, config_name: str, key: str) -> str:
+    """hydra.run.dir / hydra.sweep.dir as the primary config writes it (unresolved)."""
+    try:
+        primary = OmegaConf.load(config_dir / f"{config_name}.yaml")
+        node = OmegaConf.to_container(primary, resolve=False)
+        for part in key.split("."):
+            node = node[part]
+        return str(node)
+    except (OSError, KeyError, TypeError, OmegaConfBaseException):
+        return _HYDRA_DIRS[key]
+
+
+def _fixed_part(value: str) -> str:
+    """The path up to its first interpolation: `outputs/${now:...}/x` -> `outputs`."""
+    if "${" not in value:
+        return value or "."
+    prefix = value.split("${", 1)[0]
+    return os.path.dirname(prefix) or "."
 
 
 def _join_lines(text: str) -> str:

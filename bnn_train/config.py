@@ -216,9 +216,22 @@ class BinaryConnectConfig(MethodConfig):
 
 
 @dataclass
+class BiRealMethodConfig(MethodConfig):
+    magnitude_aware: bool = True
+
+
+@dataclass
 class SwishSignConfig:
     name: str = "swish_sign"
     beta: float = spec(5.0, gt(0))
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "clip"
+    epochs: int = spec(10, ge(0))
+    lr: Optional[float] = spec(None, gt(0))  # null: the run's optim.lr
+    checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -314,12 +327,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "bnn": MethodConfig,
         "bwn": MethodConfig,
         "xnor": XnorConfig,
-        "bireal": MethodConfig,
-        "reactnet": MethodConfig,
+        "bireal": BiRealMethodConfig,
+        "reactnet": BiRealMethodConfig,
     },
     "ste": {"identity": NameOnlyConfig, "clipped": NameOnlyConfig, "approx_sign": NameOnlyConfig,
             "swish_sign": SwishSignConfig},
-    "pretrain": {"none": NameOnlyConfig},
+    "pretrain": {"none": NameOnlyConfig, "relu": PretrainConfig, "clip": PretrainConfig,
+                 "binary_act": PretrainConfig},
     "teacher": {"none": NameOnlyConfig},
     "optim": {"adam": AdamConfig, "sgd": SGDConfig},
     "sched": {"constant": ConstantConfig, "cosine": CosineConfig, "step": StepConfig},

@@ -27,6 +27,9 @@ def binarize_(
     ste_options: dict | None = None,
     act_scale: str = "none",
     stochastic: bool = False,
+    real_weights: bool = False,
+    input_act: str | None = None,
+    magnitude_aware: bool = True,
 ) -> list[str]:
     """Swap the model's Conv2d/Linear layers for binary ones sharing the same latent weights.
 
@@ -36,7 +39,11 @@ def binarize_(
     binary weights only (BinaryNet keeps its first layer's input real).
     act_scale="k_map" multiplies by XNOR-Net's activation scale K (schemes with binary activations);
     stochastic=True samples weights as in stochastic BinaryConnect (schemes with sign weights).
-    Returns the names of the binarized layers.
+    magnitude_aware=False replaces Bi-Real's magnitude-aware sign by plain sign(W) (its ablation).
+    Pretraining stages keep the scheme's layer policy but not all of its binarization:
+    real_weights=True leaves weights real, input_act="relu"|"clip" puts ReLU or clip(x, -1, 1) where
+    the scheme's sign would be (Bi-Real Net sec. 3.3).
+    Returns the names of the layers that were swapped.
     """
     spec = get_scheme(scheme)
     if act_scale not in ("none", "k_map"):
@@ -45,7 +52,9 @@ def binarize_(
         raise ConfigError(f"method.act_scale=k_map: {scheme} keeps activations real; K applies to binary activations")
     if stochastic and spec.weight != "sign":
         raise ConfigError(f"method.stochastic=true: only for schemes with sign(W) weights, not {scheme}")
-    weight_kind = "stochastic_sign" if stochastic else spec.weight
+    weight_kind = None if real_weights else "stochastic_sign" if stochastic else spec.weight
+    if weight_kind == "magnitude_sign" and not magnitude_aware:
+        weight_kind = "sign"  # Bi-Real's ablation: plain sign(W), no magnitude in forward or gradient
     if not spec.binarizes:
         return []
     layers = [(n, m) for n, m in model.named_modules() if type(m) in BINARY_LAYERS]
@@ -58,16 +67,22 @@ def binarize_(
             continue
         if keep_downsample_real and "downsample" in name.split("."):
             continue
-        weight_q = WEIGHT_BINARIZERS[weight_kind](build_ste(spec.weight_ste)) if spec.weight else None
+        weight_q = WEIGHT_BINARIZERS[weight_kind](build_ste(spec.weight_ste)) if weight_kind else None
         binary_input = spec.binary_activations and name != first
         input_q = build_ste(ste, **(ste_options or {})) if binary_input else None
         if binary_input and spec.learnable_threshold:
             input_q = ThresholdSign(_in_channels(layer), input_q)
+        if binary_input and input_act is not None:
+            input_q = INPUT_ACTS[input_act]()
         scale = activation_scale_for(layer) if binary_input and act_scale == "k_map" else None
         model.set_submodule(name, BINARY_LAYERS[type(layer)].from_float(layer, weight_q, input_q, scale))
         done.append(name)
-    log.info("binarized %d of %d layers with %s", len(done), len(layers), scheme)
+    log.info("%s: %d of %d layers swapped%s", scheme, len(done), len(layers),
+             " (pretraining stage: real weights)" if real_weights else "")
     return done
+
+
+INPUT_ACTS = {"relu": nn.ReLU, "clip": nn.Hardtanh}
 
 
 def _in_channels(layer: nn.Module) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from bnn_train.errors import CheckpointError
 from bnn_train.train.records import write_atomic
@@ -170,8 +171,16 @@ def describe_mismatch(saved_config: Mapping | None, cfg) -> str | None:
     """"written for A, this run has B" over the settings that shape the weights and optimizer state,
     in override syntax (`model.width=64`, `method=bireal`, `data.num_classes=10`); None when the
     saved config is missing or no such setting differs."""
-    if not isinstance(saved_config, Mapping):
+    before, after = _differences(saved_config, cfg)
+    if not before:
         return None
+    return f"written for {' '.join(before)}, this run has {' '.join(after)}"
+
+
+def _differences(saved_config: Mapping | None, cfg) -> tuple[list[str], list[str]]:
+    """(the checkpoint's values, this run's values) as overrides, for each setting that differs."""
+    if not isinstance(saved_config, Mapping):
+        return [], []
     current = _plain(cfg)
     before, after = [], []
     for group in _GROUPS:
@@ -182,22 +191,19 @@ def describe_mismatch(saved_config: Mapping | None, cfg) -> str | None:
             before.append(f"{group}={old.get('name')}")
             after.append(f"{group}={new.get('name')}")
             continue
-        keep = _ONLY.get(group, lambda k: k not in _IGNORED.get(group, set()))
+        keep = _ONLY.get(group, lambda k, g=group: k not in _IGNORED.get(g, set()))
         for key in sorted(set(old) | set(new)):
             if key != "name" and keep(key) and old.get(key) != new.get(key):
                 before.append(f"{group}.{key}={_show(old.get(key))}")
                 after.append(f"{group}.{key}={_show(new.get(key))}")
-    if not before:
-        return None
-    return f"written for {' '.join(before)}, this run has {' '.join(after)}"
+    return before, after
 
 
 def _mismatch(path, saved_config, cfg, problem: str) -> CheckpointError:
-    described = describe_mismatch(saved_config, cfg)
-    if described:
-        fix = described.split(", this run has")[0].removeprefix("written for ")
-        return CheckpointError(f"checkpoint {path}: {described} ({problem}); add {fix} to use it, or start "
-                               f"without this checkpoint")
+    before, after = _differences(saved_config, cfg)
+    if before:
+        return CheckpointError(f"checkpoint {path}: written for {' '.join(before)}, this run has {' '.join(after)} "
+                               f"({problem}); add {' '.join(before)} to use it, or start without this checkpoint")
     origin = ""
     if isinstance(saved_config, Mapping):
         names = [f"{g}={saved_config[g].get('name')}" for g in _GROUPS if isinstance(saved_config.get(g), Mapping)]
@@ -216,12 +222,13 @@ def _weights_problem(saved: Any, current: dict) -> str | None:
     parts = []
     if resized:
         k = resized[0]
-        more = f", {len(resized) - 1} more tensors differ in shape" if len(resized) > 1 else ""
+        n = len(resized) - 1
+        more = f" ({n} more {'tensors differ' if n > 1 else 'tensor differs'} in shape)" if n else ""
         parts.append(f"{k} is {_shape(saved[k])} in the checkpoint, {_shape(current[k])} here{more}")
     if missing:
-        parts.append(f"this model has {len(missing)} tensors the checkpoint lacks: {_few(missing)}")
+        parts.append(f"this model has {len(missing)} tensors the checkpoint lacks: {_keys(missing)}")
     if unexpected:
-        parts.append(f"the checkpoint has {len(unexpected)} tensors this model lacks: {_few(unexpected)}")
+        parts.append(f"the checkpoint has {len(unexpected)} tensors this model lacks: {_keys(unexpected)}")
     return "; ".join(parts) or None
 
 
@@ -257,16 +264,28 @@ def _few(items: list, n: int = 3) -> str:
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
+def _keys(keys: list[str]) -> str:
+    """A few state_dict keys; many are summarized by their last name (`*.threshold x16`), which
+    says what kind of tensor is missing (ReActNet's thresholds, RPReLU's gamma/beta/zeta...)."""
+    if len(keys) <= 3:
+        return _few(keys)
+    counts: dict[str, int] = {}
+    for key in keys:
+        leaf = key.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    kinds = ", ".join(f"*.{leaf} x{n}" for leaf, n in list(counts.items())[:6])
+    more = ", ..." if len(counts) > 6 else ""
+    return f"{kinds}{more} (e.g. {keys[0]!r})"
+
+
 def _show(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _plain(cfg) -> dict:
-    if isinstance(cfg, Mapping) and not hasattr(cfg, "_get_node"):
-        return dict(cfg)
-    from omegaconf import OmegaConf  # a DictConfig from Hydra
-
-    return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
 
 
 def _first_line(err: BaseException) -> str:

@@ -32,8 +32,12 @@ from bnn_train.train.setup import binary_weights, build_network, resolve_device
 log = logging.getLogger(__name__)
 
 
-def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
-    """Train the configured network; write tb/, checkpoints/ and metrics.json into `run_dir`."""
+def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = None,
+        init_from: Path | None = None) -> dict:
+    """Train the configured network; write tb/, checkpoints/ and metrics.json into `run_dir`.
+
+    stage: how a pretraining stage departs from the method (`stages.py`); init_from: a checkpoint
+    whose weights initialize the model (the previous stage), before any resume."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -50,7 +54,9 @@ def fit(cfg, run_dir: Path, choices: dict | None = None) -> dict:
     data = build_data(cfg.data, device=device, seed=cfg.seed)
     if world.enabled:
         data.train.shard(world.rank, world.world)
-    net, binarized = build_network(cfg, data.in_channels, data.num_classes, data.image_size)
+    net, binarized = build_network(cfg, data.in_channels, data.num_classes, data.image_size, stage)
+    if init_from is not None:
+        _initialize(net, init_from)
     net.to(device)
     summary = summarize(net, (data.in_channels, data.image_size, data.image_size))
     if main:
@@ -246,6 +252,21 @@ def _resume_file(cfg, run_dir: Path) -> Path | None:
             raise CheckpointError(f"trainer.resume=true but {last} does not exist; point hydra.run.dir at the "
                                   f"run to resume (or pass ckpt_path=PATH)")
     return Path(cfg.ckpt_path) if cfg.ckpt_path is not None else None
+
+
+def _initialize(net, path: Path) -> None:
+    """Weights of a previous stage; parameters that only this stage has (e.g. ReActNet's learnable
+    thresholds) keep their initialization."""
+    state = load_checkpoint(path)
+    try:
+        result = net.load_state_dict(state["model"], strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: does not fit this model ({str(e).strip().splitlines()[-1].strip()}); "
+                              f"initialize from a stage of the same model and data") from None
+    if result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {path}: has weights this model lacks ({result.unexpected_keys[0]}, ...); "
+                              f"initialize from a stage of the same model")
+    log.info("initialized from %s%s", path, f" (new: {', '.join(result.missing_keys)})" if result.missing_keys else "")
 
 
 def _restore(path: Path, model, optimizer, scheduler) -> dict:

@@ -34,15 +34,20 @@ def activation_for(cfg) -> str:
     return "identity" if has_per_conv_shortcut(cfg.model) else "hardtanh"
 
 
-def build_network(cfg, in_channels: int, num_classes: int, image_size: int) -> tuple[nn.Module, list[str]]:
-    """The model of `cfg.model`, binarized in place by `cfg.method` and `cfg.ste`."""
+def build_network(cfg, in_channels: int, num_classes: int, image_size: int,
+                  stage: dict | None = None) -> tuple[nn.Module, list[str]]:
+    """The model of `cfg.model`, binarized in place by `cfg.method` and `cfg.ste`.
+
+    stage: a pretraining stage's `real_weights` / `input_act` (see `binarize_` and `stages.py`)."""
     model = build_model(cfg.model, in_channels, num_classes, image_size, activation_for(cfg))
     method = cfg.method
     ste_options = {k: v for k, v in cfg.ste.items() if k != "name"}
     binarized = binarize_(model, method.name, cfg.ste.name, ste_options=ste_options,
                           keep_first_real=method.keep_first_real, keep_last_real=method.keep_last_real,
                           keep_downsample_real=method.keep_downsample_real,
-                          act_scale=method.get("act_scale", "none"), stochastic=method.get("stochastic", False))
+                          act_scale=method.get("act_scale", "none"), stochastic=method.get("stochastic", False),
+                          magnitude_aware=method.get("magnitude_aware", True),
+                          **(stage or {}))
     return model, binarized
 
 
