@@ -354,7 +354,7 @@ def _check_keys_exist(cfg: DictConfig, overrides: Iterable[Override]) -> None:
                     raise ConfigError(f"{o.input_line}: {path} is a list of {len(node)} values")
             elif not isinstance(node, DictConfig):
                 raise ConfigError(f"{o.input_line}: {path} is a value, not a group of keys")
-            elif part not in node:
+            elif part not in node.keys():  # `in` is False for a ??? (missing) value
                 raise unknown_key_error(o.input_line, describe_node(path, node), part, node.keys())
             if depth + 1 < len(parts):  # step down; the leaf is not read (nor resolved)
                 node = node[int(part)] if isinstance(node, ListConfig) else node[part]
@@ -384,12 +384,20 @@ def _check_values(cfg: DictConfig, key_overrides: list[tuple[Override, list[Any]
 
 
 def _check_checkpoint_paths(cfg: DictConfig, key_overrides: list[tuple[Override, list[Any]]]) -> None:
-    """ckpt_path (each swept value) must be a file that can be a checkpoint: a missing, empty,
-    text or truncated file is reported before the data is loaded (torch loads it later)."""
-    paths = next((values for o, values in key_overrides if o.key_or_group == "ckpt_path"), None)
-    if paths is None:
-        paths = [OmegaConf.select(cfg, "ckpt_path", default=None)]  # e.g. set by an experiment
-    paths = [p for p in paths if p is not None and str(p) not in ("", "null")]
+    """An existing ckpt_path (each swept value) must look like a checkpoint: an empty, text, foreign
+    or truncated file is reported before the data is loaded (torch reads it later, in the job).
+
+    A path that does not exist yet is left to the job, which reports it the same way: a sweep
+    submitted to Slurm may name the checkpoint an earlier job will write. With trainer.resume
+    true/auto the job may not read ckpt_path at all (it continues from the run's last.pt).
+    """
+    def values(key: str) -> list[Any]:
+        given = next((vals for o, vals in key_overrides if o.key_or_group == key), None)
+        return given if given is not None else [OmegaConf.select(cfg, key, default=None)]
+
+    if any(str(r).lower() != "false" for r in values("trainer.resume")):
+        return
+    paths = [p for p in values("ckpt_path") if p is not None and os.path.lexists(str(p))]
     if paths:
         from bnn_train.train.checkpoint import check_checkpoint_file  # imports torch: only when needed
 

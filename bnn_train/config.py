@@ -235,6 +235,23 @@ class PretrainConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """teacher=checkpoint: a frozen teacher for knowledge distillation (bnn_train/train/distill.py)."""
+
+    name: str = "checkpoint"
+    path: str = "???"  # required: teacher.path=PATH (a bnn-train checkpoint or a state dict)
+    model: Optional[str] = None  # plain state dicts only: a registered architecture name
+    loss: str = choice("kd", "kd", "distribution")
+    temperature: float = spec(4.0, gt(0))
+    alpha: float = spec(0.9, in_range(0, 1, hi_closed=True))
+
+    def cross_check(self) -> Optional[tuple[str, str]]:
+        if self.model is not None and self.model not in SCHEMAS["model"]:
+            return "model", "choose one of " + ", ".join(SCHEMAS["model"]) + " (or null for a bnn-train checkpoint)"
+        return None
+
+
+@dataclass
 class NameOnlyConfig:
     """Options without parameters (ste: identity/clipped, pretrain: none, teacher: none)."""
 
@@ -334,7 +351,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
             "swish_sign": SwishSignConfig},
     "pretrain": {"none": NameOnlyConfig, "relu": PretrainConfig, "clip": PretrainConfig,
                  "binary_act": PretrainConfig},
-    "teacher": {"none": NameOnlyConfig},
+    "teacher": {"none": NameOnlyConfig, "checkpoint": TeacherConfig},
     "optim": {"adam": AdamConfig, "sgd": SGDConfig},
     "sched": {"constant": ConstantConfig, "cosine": CosineConfig, "step": StepConfig},
     "trainer": {"default": TrainerConfig},

@@ -74,7 +74,7 @@ def assert_one_line_error(exc_info: pytest.ExceptionInfo, *fragments: str) -> st
 
 
 # Options that only work with a particular choice in another group.
-COMPANIONS = {("method", "reactnet"): ["model=bireal18"]}
+COMPANIONS = {("method", "reactnet"): ["model=bireal18"], ("teacher", "checkpoint"): ["teacher.path=/tmp/t.pt"]}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

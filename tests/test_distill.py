@@ -6,13 +6,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIG_DIR, compose_cfg
 from omegaconf import OmegaConf
 
 from bnn_train.errors import CheckpointError, ConfigError, UserError
-from bnn_train.train.distill import (build_teacher, distillation_loss, distribution_loss, kd_loss,
-                                     load_teacher)
+from bnn_train.train.distill import (
+    build_teacher,
+    distillation_loss,
+    distribution_loss,
+    kd_loss,
+    load_teacher,
+)
 from bnn_train.train.setup import build_network
-from conftest import CONFIG_DIR, compose_cfg
 
 
 def teacher_cfg(path, **kw):
@@ -263,7 +268,7 @@ def test_files_that_are_not_a_teacher(tmp_path, content):
     with pytest.raises(UserError) as e:
         load_teacher(teacher_cfg(path, model="mlp"), 1, 2, 2, "cpu")
     message = one_line(e, f"teacher {path}:")
-    assert "teacher.path" in message  # says what to pass instead
+    assert "torch.save(model.state_dict(), PATH)" in message  # says what to pass instead
 
 
 def test_dict_without_model_or_tensors(tmp_path):

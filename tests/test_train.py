@@ -209,3 +209,14 @@ def test_skip_nonfinite_skips_up_to_n_batches(tmp_path, monkeypatch):
     _nan_on_calls(monkeypatch, {2, 5})
     _, metrics = run(tmp_path, "trainer.epochs=1", "trainer.skip_nonfinite=2")
     assert metrics["steps"] == 16 - 2 and metrics["status"] == "completed"
+
+
+@pytest.mark.parametrize("loss", ["kd", "distribution"])
+def test_distillation_from_a_full_precision_run(tmp_path, loss):
+    run(tmp_path / "teacher", "method=fp", "trainer.epochs=2")
+    teacher = tmp_path / "teacher" / "checkpoints" / "best.pt"
+    _, plain = run(tmp_path / "plain", "method=bnn", "trainer.epochs=1")
+    _, student = run(tmp_path / "student", "method=bnn", "trainer.epochs=1", "teacher=checkpoint",
+                     f"teacher.path={teacher}", f"teacher.loss={loss}")
+    assert student["status"] == "completed" and student["best_val_acc"] > 0.3
+    assert student["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the loss is the KD loss

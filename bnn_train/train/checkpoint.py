@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -94,7 +95,7 @@ def load_checkpoint(path: str | Path) -> dict:
                                   f"(a config as OmegaConf.to_container), or {_HINT}") from None
         raise CheckpointError(f"checkpoint {path}: is corrupt or not a PyTorch checkpoint ({reason}); "
                               f"{_HINT}") from None
-    except Exception as err:  # torch raises many types for a damaged file
+    except Exception as err:  # noqa: BLE001 -- torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint, truncated or "
                               f"corrupt ({_first_line(err)}); {_HINT}") from None
     if not isinstance(state, dict):
@@ -202,13 +203,14 @@ def _differences(saved_config: Mapping | None, cfg) -> tuple[list[str], list[str
 def _mismatch(path, saved_config, cfg, problem: str) -> CheckpointError:
     before, after = _differences(saved_config, cfg)
     if before:
-        return CheckpointError(f"checkpoint {path}: written for {' '.join(before)}, this run has {' '.join(after)} "
+        return CheckpointError(f"checkpoint {path}: does not match this run, written for {' '.join(before)}, "
+                               f"this run has {' '.join(after)} "
                                f"({problem}); add {' '.join(before)} to use it, or start without this checkpoint")
     origin = ""
     if isinstance(saved_config, Mapping):
         names = [f"{g}={saved_config[g].get('name')}" for g in _GROUPS if isinstance(saved_config.get(g), Mapping)]
         origin = f" (it was written by a run with {' '.join(names)})" if names else ""
-    return CheckpointError(f"checkpoint {path}: does not fit this run's model and optimizer: {problem}; use the "
+    return CheckpointError(f"checkpoint {path}: does not match this run's model and optimizer: {problem}; use the "
                            f"model, method, data and optim of the run that wrote it{origin}, or start without it")
 
 

@@ -115,7 +115,7 @@ class FrozenTeacher(nn.Module):
         self.net = net.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
+    def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)
 
     @torch.no_grad()
@@ -193,7 +193,7 @@ def _from_state_dict(path: Path, state: dict, name: str, in_channels: int, num_c
         if "stem" in model_cfg:  # torchvision's stem is 7x7/2 + max-pool; CIFAR ports use a 3x3 conv
             model_cfg["stem"] = "imagenet" if kernel == 7 else "cifar"
         state = _torchvision_to_ours(state)
-        what += " (torchvision key names)"
+        log.info("teacher %s: torchvision ResNet key names mapped onto ours", path)
     cfg = OmegaConf.create({"model": model_cfg, "method": dict(_FP), "ste": {"name": "identity"}})
     net, _ = build_network(cfg, in_channels, num_classes, image_size)
     return state, net, what
@@ -224,20 +224,27 @@ def _torchvision_to_ours(state: Mapping) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read(path: Path):
-    """torch.load(weights_only=True) with one-line errors that name the teacher file."""
+def check_teacher_file(path: str | Path) -> None:
+    """Raise a one-line CheckpointError naming the teacher file when it is missing, empty, text,
+    truncated or of an unknown format, without loading it (cheap: for the command-line checks)."""
+    path = Path(path)
     try:
-        check_checkpoint_file(path)  # missing, empty, text, truncated: before loading anything
+        check_checkpoint_file(path)
     except CheckpointError as err:
         raise CheckpointError(_reword(str(err), path)) from None
+
+
+def _read(path: Path):
+    """torch.load(weights_only=True) with one-line errors that name the teacher file."""
+    check_teacher_file(path)  # missing, empty, text, truncated: before loading anything
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower():
             raise CheckpointError(f"teacher {path}: holds Python objects that weights_only loading refuses (a whole "
-                                  f"nn.Module or a DictConfig?); save model.state_dict() instead, or {_HINT}") from None
+                                  f"nn.Module or a DictConfig?); save it with torch.save(model.state_dict(), PATH)") from None
         raise CheckpointError(f"teacher {path}: is corrupt or not a PyTorch file ({_one_line(err)}); {_HINT}") from None
-    except Exception as err:  # torch raises many types for a damaged file
+    except Exception as err:  # noqa: BLE001  (torch raises many types for a damaged file)
         raise CheckpointError(f"teacher {path}: cannot be read as a PyTorch file, truncated or corrupt "
                               f"({_one_line(err)}); {_HINT}") from None
 
@@ -245,8 +252,7 @@ def _read(path: Path):
 def _reword(message: str, path: Path) -> str:
     """check_checkpoint_file's "checkpoint PATH: problem; <run hint>" as "teacher PATH: problem; <teacher hint>"."""
     prefix = f"checkpoint {path}: "
-    if message.startswith(prefix):
-        message = message[len(prefix):]
+    message = message.removeprefix(prefix)
     cut = message.find("; pass a checkpoint written by a bnn-train run")
     if cut >= 0:
         message = message[:cut]
@@ -311,7 +317,7 @@ def _check_fit(path: Path, state: dict, net: nn.Module, what: str, in_channels: 
         problems.append(f"{len(unexpected)} tensors it has that {what} lacks: {_few(unexpected)}")
     if problems:
         raise CheckpointError(f"teacher {path}: its weights do not fit {what} ({'; '.join(problems)}); "
-                              f"check teacher.model and the data, or {_HINT}")
+                              f"check teacher.model and the data")
 
 
 def _few(items: list, n: int = 3) -> str:

@@ -25,6 +25,7 @@ from bnn_train.data import build_data
 from bnn_train.errors import CheckpointError, TrainingError
 from bnn_train.train import distributed
 from bnn_train.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bnn_train.train.distill import build_teacher, distillation_loss
 from bnn_train.train.optim import build_optimizer, build_scheduler
 from bnn_train.train.records import NullWriter, log_hparams, log_latent_histograms, write_json_atomic
 from bnn_train.train.setup import binary_weights, build_network, resolve_device
@@ -54,6 +55,7 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
     data = build_data(cfg.data, device=device, seed=cfg.seed)
     if world.enabled:
         data.train.shard(world.rank, world.world)
+    teacher = build_teacher(cfg.teacher, data.in_channels, data.num_classes, data.image_size, device)  # or None
     net, binarized = build_network(cfg, data.in_channels, data.num_classes, data.image_size, stage)
     if init_from is not None:
         _initialize(net, init_from)
@@ -96,7 +98,7 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
             save_checkpoint(run_dir / "checkpoints" / name, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "progress": progress, "rng": rng_state(),
-                "binarized_layers": binarized, "config": config_dict})
+                "binarized_layers": binarized, "config": config_dict, "stage": stage})
 
     def write_metrics(status: str) -> dict:
         history = progress["history"]
@@ -134,7 +136,12 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
                 part["batch"] += 1
                 with autocast:
                     logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                    if teacher is None:
+                        loss = F.cross_entropy(logits.float(), y)
+                    else:  # distillation from the frozen teacher; train/loss logs this loss
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                        loss = distillation_loss(logits.float(), teacher_logits.float(), y, cfg.teacher)
                 if not math.isfinite(loss.item()):
                     _nonfinite(loss.item(), progress, tc.skip_nonfinite)
                     continue

@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable
+from typing import IO, TYPE_CHECKING
 
 from bnn_train.binarize import binary_layers
 from bnn_train.errors import TrainingError
