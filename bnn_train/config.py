@@ -349,7 +349,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     },
     "ste": {"identity": NameOnlyConfig, "clipped": NameOnlyConfig, "approx_sign": NameOnlyConfig,
             "swish_sign": SwishSignConfig},
-    "pretrain": {"none": NameOnlyConfig, "relu": PretrainConfig, "clip": PretrainConfig,
+    "pretrain": {"none": PretrainConfig, "relu": PretrainConfig, "clip": PretrainConfig,
                  "binary_act": PretrainConfig},
     "teacher": {"none": NameOnlyConfig, "checkpoint": TeacherConfig},
     "optim": {"adam": AdamConfig, "sgd": SGDConfig},

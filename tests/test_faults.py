@@ -34,13 +34,8 @@ ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 
 def run(run_dir, *overrides, monkeypatch=None):
-    """fit() with TINY + overrides, restoring checkpoints through checkpoint.restore_checkpoint."""
-    cfg = compose_cfg(*TINY, *overrides)
-    if monkeypatch is not None and not hasattr(loop, "restore_checkpoint"):
-        # loop.py not wired to restore_checkpoint yet: route its _restore through it.
-        monkeypatch.setattr(loop, "_restore", lambda path, net, opt, sched: restore_checkpoint(path, cfg, net, opt,
-                                                                                             sched))
-    return fit(cfg, run_dir, {})
+    """fit() with TINY + overrides."""
+    return fit(compose_cfg(*TINY, *overrides), run_dir, {})
 
 
 @pytest.fixture(scope="module")

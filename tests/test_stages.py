@@ -69,3 +69,10 @@ def test_pretrain_checkpoint_skips_stage1(tmp_path):
     metrics = stages.run(again, tmp_path / "b", {})
     assert not (tmp_path / "b" / "stage1").exists()
     assert metrics["stage1_checkpoint"] == str(ckpt) and set(metrics["stages"]) == {"stage2"}
+
+
+def test_pretrain_keys_exist_without_pretraining():
+    """Hydra composes a sweep's base config without its swept groups: `-m pretrain=relu,clip
+    pretrain.epochs=5` must compose with the default pretrain=none too."""
+    cfg = compose_cfg("pretrain.epochs=5", "pretrain.lr=0.01")
+    assert cfg.pretrain.name == "none" and cfg.pretrain.epochs == 5

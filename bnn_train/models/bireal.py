@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bnn_train.models.resnet import SMALL_INPUT_PX, cifar_stem, conv3x3, imagenet_stem
+from bnn_train.models.resnet import SMALL_INPUT_PX, ResNet, cifar_stem, conv3x3, imagenet_stem
 
 
 class BiRealBlock(nn.Module):
@@ -38,32 +38,14 @@ class BiRealBlock(nn.Module):
         return self.act(out)
 
 
-class BiRealNet(nn.Module):
+class BiRealNet(ResNet):
     """Real stem, stages of single-conv Bi-Real blocks, global average pool, real fc."""
-
-    per_conv_shortcut = True
 
     def __init__(self, stem: nn.Module, stem_channels: int, widths: list[int], convs: list[int],
                  num_classes: int, act_layer, shortcut: bool = True):
-        super().__init__()
+        super().__init__(stem, stem_channels, widths, convs, num_classes, act_layer,
+                         block=lambda cin, cout, stride, act: BiRealBlock(cin, cout, stride, act, shortcut))
         self.per_conv_shortcut = shortcut
-        self.stem = stem
-        stages, cin = [], stem_channels
-        for i, (width, n) in enumerate(zip(widths, convs)):
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*[
-                BiRealBlock(cin if j == 0 else width, width, stride if j == 0 else 1, act_layer, shortcut)
-                for j in range(n)]))
-            cin = width
-        self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
 def _build_bireal(cfg, in_channels: int, num_classes: int, image_size: int, act_layer,

@@ -35,14 +35,15 @@ class ResNet(nn.Module):
     per_conv_shortcut = False  # shortcuts span two convs (Bi-Real Net has one per conv)
 
     def __init__(self, stem: nn.Module, stem_channels: int, widths: list[int], blocks: list[int],
-                 num_classes: int, act_layer):
+                 num_classes: int, act_layer, block=BasicBlock):
+        """block(cin, cout, stride, act_layer): the residual block of every stage."""
         super().__init__()
         self.stem = stem
         stages, cin = [], stem_channels
         for i, (width, n) in enumerate(zip(widths, blocks)):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(*[BasicBlock(cin if j == 0 else width, width, stride if j == 0 else 1,
-                                                     act_layer) for j in range(n)]))
+            stages.append(nn.Sequential(*[block(cin if j == 0 else width, width, stride if j == 0 else 1, act_layer)
+                                          for j in range(n)]))
             cin = width
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)

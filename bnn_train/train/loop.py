@@ -24,7 +24,7 @@ from bnn_train.config import flatten
 from bnn_train.data import build_data
 from bnn_train.errors import CheckpointError, TrainingError
 from bnn_train.train import distributed
-from bnn_train.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bnn_train.train.checkpoint import load_checkpoint, restore_checkpoint, rng_state, save_checkpoint
 from bnn_train.train.distill import build_teacher, distillation_loss
 from bnn_train.train.optim import build_optimizer, build_scheduler
 from bnn_train.train.records import NullWriter, log_hparams, log_latent_histograms, write_json_atomic
@@ -79,7 +79,7 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
                 "train_samples": 0, "skipped_nonfinite": 0, "partial": None}
     ckpt_file = _resume_file(cfg, run_dir)
     if ckpt_file is not None:
-        progress = _restore(ckpt_file, net, optimizer, scheduler)
+        progress = restore_checkpoint(ckpt_file, cfg, net, optimizer, scheduler)
         log.info("resumed from %s at epoch %d (step %d)", ckpt_file, progress["epoch"], progress["step"])
 
     hparams = {**{k: v for k, v in (choices or {}).items()}, **flatten(cfg)}
@@ -274,17 +274,3 @@ def _initialize(net, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path}: has weights this model lacks ({result.unexpected_keys[0]}, ...); "
                               f"initialize from a stage of the same model")
     log.info("initialized from %s%s", path, f" (new: {', '.join(result.missing_keys)})" if result.missing_keys else "")
-
-
-def _restore(path: Path, model, optimizer, scheduler) -> dict:
-    state = load_checkpoint(path)
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path}: does not match this model/method/data ({first}); "
-                              f"use the same model, method and data as the run that wrote it") from None
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state["progress"]
