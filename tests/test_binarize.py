@@ -151,7 +151,7 @@ def test_clip_none_is_off():
     assert net[2].weight.max() == 3.0
 
 
-# ---- issue: the full scheme matrix -----------------------------------------------------------
+# ---- XNOR-Net K, stochastic BinaryConnect, ApproxSign, SwishSign, Bi-Real, ReActNet ----------
 
 from bnn_train.binarize.quantizers import ApproxSignSTE, SwishSignSTE, ThresholdSign  # noqa: E402
 from bnn_train.binarize.scaling import (ConvActivationScale, LinearActivationScale,  # noqa: E402

@@ -1,6 +1,6 @@
 """Bad input stops with one line naming what was wrong and what to do: damaged or foreign
-checkpoints, output folders that cannot be written, full disks, and the command-line cases of the
-issue (one `error:` line on stderr, no traceback, non-zero exit)."""
+checkpoints, output folders that cannot be written, full disks, and common command-line mistakes
+(one `error:` line on stderr, no traceback, non-zero exit)."""
 
 import errno
 import json
@@ -304,7 +304,7 @@ def test_os_error_inside_the_task_is_one_line(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The issue's commands: one `error:` line on stderr, no traceback, non-zero exit
+# Command-line mistakes: one `error:` line on stderr, no traceback, non-zero exit
 # ---------------------------------------------------------------------------------------------
 
 
