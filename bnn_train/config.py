@@ -107,6 +107,7 @@ class TopLevelConfig:
     seed: int = spec(0, ge(0))
     device: str = choice("auto", "auto", "cpu", "cuda")
     ckpt_path: Optional[str] = None
+    loss: str = choice("cross_entropy", "cross_entropy", "squared_hinge")
 
 
 # data ----------------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class MLPConfig:
     name: str = "mlp"
     depth: int = spec(3, ge(0))  # 0: a linear classifier
     width: int = spec(1024, ge(1))
+    width_mult: float = spec(1.0, gt(0))
     act: str = choice("auto", *ACTS)
     dropout: float = spec(0.0, in_range(0, 1))
     final_bn: bool = True
@@ -164,12 +166,14 @@ class MLPConfig:
 class ResNet18Config:
     name: str = "resnet18"
     stem: str = choice("auto", "auto", "imagenet", "cifar")
+    width_mult: float = spec(1.0, gt(0))
     act: str = choice("auto", *ACTS)
 
 
 @dataclass
 class ResNet20Config:
     name: str = "resnet20"
+    width_mult: float = spec(1.0, gt(0))
     act: str = choice("auto", *ACTS)
 
 
@@ -180,6 +184,7 @@ class AlexNetConfig:
     block_order: str = choice("standard", "standard", "xnor")
     fc_width: Any = spec("auto", Rule(lambda v: v == "auto" or (type(v) is int and v >= 1),
                                       "must be auto or an integer >= 1"))
+    width_mult: float = spec(1.0, gt(0))
     act: str = choice("auto", *ACTS)
 
 
@@ -187,6 +192,7 @@ class AlexNetConfig:
 class BiRealConfig:
     name: str = "bireal18"
     stem: str = choice("auto", "auto", "imagenet", "cifar")
+    width_mult: float = spec(1.0, gt(0))
     act: str = choice("auto", *ACTS)
     shortcut: bool = True
 
@@ -206,17 +212,37 @@ class MethodConfig:
 
 
 @dataclass
-class XnorConfig(MethodConfig):
+class BinaryMethodConfig(MethodConfig):
+    """Keys every binarizing method has (the literature's training switches, `binarize_`)."""
+
+    weight_scale: str = choice("none", "none", "mean_abs", "learnable")
+    weight_scale_granularity: str = choice("channel", "channel", "layer")
+    affine_output: bool = False
+    act_levels: str = choice("pm1", "pm1", "01")
+    act_stochastic: bool = False
+    reg: str = choice("none", "none", "l1", "l2")
+    reg_weight: float = spec(0.01, ge(0))
+
+    def cross_check(self) -> Optional[tuple[str, str]]:
+        if self.act_stochastic and self.name in ("binaryconnect", "bwn"):
+            return "act_stochastic", f"{self.name} keeps activations real; act_stochastic applies to binary activations"
+        if self.act_levels != "pm1" and self.name in ("binaryconnect", "bwn"):
+            return "act_levels", f"{self.name} keeps activations real; act_levels applies to binary activations"
+        return None
+
+
+@dataclass
+class XnorConfig(BinaryMethodConfig):
     act_scale: str = choice("k_map", "none", "k_map")
 
 
 @dataclass
-class BinaryConnectConfig(MethodConfig):
+class BinaryConnectConfig(BinaryMethodConfig):
     stochastic: bool = False
 
 
 @dataclass
-class BiRealMethodConfig(MethodConfig):
+class BiRealMethodConfig(BinaryMethodConfig):
     magnitude_aware: bool = True
 
 
@@ -268,6 +294,7 @@ class AdamConfig:
     betas: List[float] = spec([0.9, 0.999], length(2), each(in_range(0, 1)))
     weight_decay: float = spec(0.0, ge(0))
     decay_binary: bool = False
+    latent_lr_scale: str = choice("none", "none", "glorot")
 
 
 @dataclass
@@ -278,6 +305,7 @@ class SGDConfig:
     nesterov: bool = False
     weight_decay: float = spec(0.0005, ge(0))
     decay_binary: bool = False
+    latent_lr_scale: str = choice("none", "none", "glorot")
 
     def cross_check(self) -> Optional[tuple[str, str]]:
         # torch.optim.SGD raises on this only when the optimizer is built, after data loading.
@@ -325,6 +353,11 @@ class TrainerConfig:
     ckpt_every_n_steps: Optional[int] = spec(None, ge(1))
     skip_nonfinite: int = spec(0, ge(0))
     deterministic: bool = False
+    binary_precision: str = choice("auto", "auto", "fp32", "bf16", "int8")
+    binary_backward: str = choice("bf16", "fp32", "bf16")
+    channels_last: bool = True
+    compile: bool = False
+    keep_cpu_memory: bool = True
 
 
 # registry: group -> option `name` -> schema. Nodes without a `name` key use "default".
@@ -341,8 +374,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "method": {
         "fp": MethodConfig,
         "binaryconnect": BinaryConnectConfig,
-        "bnn": MethodConfig,
-        "bwn": MethodConfig,
+        "bnn": BinaryMethodConfig,
+        "bwn": BinaryMethodConfig,
         "xnor": XnorConfig,
         "bireal": BiRealMethodConfig,
         "reactnet": BiRealMethodConfig,

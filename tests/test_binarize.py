@@ -240,7 +240,7 @@ def test_stochastic_binaryconnect_sampling_probabilities():
     expected = ((w[0] + 1) / 2).clamp(0, 1)
     assert torch.allclose(p_plus, expected, atol=0.015)
     q.eval()
-    assert torch.equal(q(w[:1]), sign(w[:1]))  # deterministic at evaluation
+    assert torch.equal(q(w[:1]), w[0].clamp(-1, 1)[None])  # E[W_b] at evaluation (paper sec. 2.6)
 
 
 def test_stochastic_binaryconnect_gradient_is_straight_through():

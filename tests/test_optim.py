@@ -58,3 +58,18 @@ def test_weight_decay_spares_binary_weights_unless_asked(decay_binary, expected)
     assert real["weight_decay"] == 0.01 and binary["weight_decay"] == expected
     assert binary["params"] == [model[1].weight]
     assert len(real["params"]) == 3
+
+
+def test_glorot_latent_lr_scale_gives_each_binary_layer_its_factor():
+    model = nn.Sequential(nn.Linear(784, 1024), nn.Linear(1024, 10))
+    cfg = OmegaConf.create({"name": "adam", "lr": 0.003, "betas": [0.9, 0.999], "weight_decay": 0.0,
+                            "decay_binary": False, "latent_lr_scale": "glorot"})
+    opt = build_optimizer(model, cfg, binary_weights=[model[0].weight, model[1].weight])
+    real, first, last = opt.param_groups
+    assert real["lr"] == 0.003
+    assert first["lr"] == pytest.approx(0.003 / math.sqrt(1.5 / (784 + 1024)))
+    assert last["lr"] == pytest.approx(0.003 / math.sqrt(1.5 / (1024 + 10)))
+    s = build_scheduler(opt, sched(name="step", milestones=[1], gamma=0.5), steps_per_epoch=1, epochs=2)
+    opt.step()
+    s.step()
+    assert first["lr"] == pytest.approx(0.0015 / math.sqrt(1.5 / (784 + 1024)))

@@ -179,19 +179,19 @@ def test_sweep_with_a_failing_job_keeps_the_others_and_summarizes(tmp_path):
 
 
 def _nan_on_calls(monkeypatch, calls):
-    import bnn_train.train.loop as loop
+    from bnn_train.train import losses
 
-    real, count = loop.F.cross_entropy, {"n": 0}
+    real, count = losses.LOSSES["cross_entropy"], {"n": 0}
 
-    def cross_entropy(logits, y, **kwargs):
-        loss = real(logits, y, **kwargs)
-        if not kwargs:  # training calls; evaluation passes reduction="sum"
+    def cross_entropy(logits, y):
+        loss = real(logits, y)
+        if torch.is_grad_enabled():  # training calls; evaluation runs under no_grad
             count["n"] += 1
             if count["n"] in calls:
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(loop.F, "cross_entropy", cross_entropy)
+    monkeypatch.setitem(losses.LOSSES, "cross_entropy", cross_entropy)
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -220,3 +220,30 @@ def test_distillation_from_a_full_precision_run(tmp_path, loss):
                      f"teacher.path={teacher}", f"teacher.loss={loss}")
     assert student["status"] == "completed" and student["best_val_acc"] > 0.3
     assert student["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the loss is the KD loss
+
+
+@pytest.mark.parametrize("precision,backward", [("fp32", "fp32"), ("int8", "bf16"), ("bf16", "fp32")])
+def test_binary_precision_options_train_to_the_same_place(tmp_path, precision, backward):
+    """The forward is exact in every precision, so the first steps match the float path; all learn."""
+    _, metrics = run(tmp_path, "method=bnn", "trainer.epochs=2", f"trainer.binary_precision={precision}",
+                     f"trainer.binary_backward={backward}")
+    assert metrics["best_val_acc"] > 0.5
+    first = metrics["history"][0]["train_loss"]
+    _, ref = run(tmp_path / "ref", "method=bnn", "trainer.epochs=2", "trainer.binary_precision=fp32",
+                 "trainer.binary_backward=fp32")
+    assert first == pytest.approx(ref["history"][0]["train_loss"], rel=0.05)
+
+
+def test_conv_model_trains_channels_last_with_exact_products(tmp_path):
+    cfg = compose_cfg("data=synthetic", "data.image_size=8", "model=resnet20", "method=xnor", "trainer.epochs=1",
+                      "trainer.progress=false", "trainer.limit_train_batches=3", "trainer.binary_precision=bf16",
+                      "trainer.channels_last=true")
+    metrics = fit(cfg, tmp_path, {})
+    assert metrics["epochs_completed"] == 1 and metrics["history"][0]["train_loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["bnn", "xnor", "bireal", "bwn", "binaryconnect"])
+def test_compile_trains_every_scheme(tmp_path, method):
+    _, metrics = run(tmp_path, f"method={method}", "trainer.epochs=1", "trainer.compile=true")
+    assert metrics["best_val_acc"] > 0.3

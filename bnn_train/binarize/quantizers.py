@@ -13,8 +13,11 @@ from bnn_train.errors import ConfigError
 
 
 def sign(x: Tensor) -> Tensor:
-    """sign(x) in {-1, +1} with sign(0) = +1 (torch.sign would give 0, a third value)."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    """sign(x) in {-1, +1} with sign(0) = +1 (torch.sign would give 0, a third value).
+
+    Computed as copysign(1, x + 0), where x + 0 turns -0.0 into +0.0: one fused pass, several
+    times faster on the CPU than torch.where with a mask."""
+    return torch.ones_like(x).copysign_(x + 0.0)
 
 
 class _SignSTE(torch.autograd.Function):
@@ -32,10 +35,30 @@ class _SignSTE(torch.autograd.Function):
         return grad_out * ctx.pseudo_grad(x), None
 
 
+class _MaskedSignSTE(torch.autograd.Function):
+    """sign(x) for estimators whose pseudo-gradient is an indicator: backward is grad_out * 1{|x| <= bound}
+    (bound None: grad_out). Saves a bool mask (1 byte per element) or nothing, instead of fp32 x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bound: float | None):
+        ctx.bound = bound
+        if bound is not None:
+            ctx.save_for_backward(x.abs() <= bound)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.bound is None:
+            return grad_out, None
+        (mask,) = ctx.saved_tensors
+        return grad_out * mask, None
+
+
 class SignSTE(nn.Module):
     """Base class: sign(x) forward, `pseudo_grad(x)` as d sign/dx in backward."""
 
     name = "base"
+    outputs_sign = True  # forward values are exactly +-1
 
     def pseudo_grad(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -57,6 +80,11 @@ class IdentitySTE(SignSTE):
     def pseudo_grad(self, x: Tensor) -> Tensor:
         return torch.ones_like(x)
 
+    mask_bound = None  # the pseudo-gradient is 1{|x| <= mask_bound}; None: always 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _MaskedSignSTE.apply(x, None)
+
 
 class ClippedSTE(SignSTE):
     """STE with gradient cancellation: d sign/dx := 1{|x| <= 1} (the derivative of Hardtanh).
@@ -68,6 +96,11 @@ class ClippedSTE(SignSTE):
 
     def pseudo_grad(self, x: Tensor) -> Tensor:
         return (x.abs() <= 1).to(x.dtype)
+
+    mask_bound = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _MaskedSignSTE.apply(x, self.mask_bound)
 
 
 class ApproxSignSTE(SignSTE):
@@ -104,12 +137,53 @@ class SwishSignSTE(SignSTE):
         return f"beta={self.beta}"
 
 
+class StochasticSign(nn.Module):
+    """BinaryNet's stochastic activations: +1 with probability hard_sigmoid(x) = clip((x + 1) / 2, 0, 1),
+    else -1, while training; deterministic sign(x) in eval mode.
+
+    Hubara, Courbariaux et al. 2016, "Binarized Neural Networks", eq. 2. Sampled as sign(x - u),
+    u ~ U(-1, 1), since P(x - u >= 0) = clip((x + 1) / 2, 0, 1); the gradient reaches x through
+    `ste` at x - u.
+    """
+
+    outputs_sign = True
+
+    def __init__(self, ste: SignSTE):
+        super().__init__()
+        self.ste = ste
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self.ste(x)
+        return self.ste(x - (torch.rand_like(x) * 2 - 1))
+
+
+class ZeroOneSign(nn.Module):
+    """{0, 1} activations: a = (q(x) + 1) / 2 for a +-1 quantizer q, gradient q'/2.
+
+    For a layer with weights W this gives the identity W . a = (W . q(x) + W . 1) / 2: a {0, 1}
+    layer is the +-1 layer plus a per-output offset (half its weight row sum), at half the scale.
+    (The 0/1 encoding of activations in DoReFa-Net, Zhou et al. 2016, at 1 bit.)
+    """
+
+    outputs_sign = False
+
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.quantizer(x) + 1) * 0.5
+
+
 class ThresholdSign(nn.Module):
     """ReActNet's RSign: sign(x_c - beta_c) with a learnable threshold beta per input channel c.
 
     Liu et al. 2020, "ReActNet", eq. 2. The gradient reaches x and beta through `ste` at x - beta:
     dL/dbeta_c = -sum over channel c of g * ste'(x - beta).
     """
+
+    outputs_sign = True
 
     def __init__(self, channels: int, ste: SignSTE):
         super().__init__()

@@ -9,13 +9,40 @@ from torch import Tensor, nn
 from bnn_train.binarize.quantizers import SignSTE
 
 
-def mean_abs_scale(w: Tensor) -> Tensor:
-    """alpha_o = ||W_o||_1 / n: the mean absolute latent weight of each output channel o.
+def _through_ste(ste: SignSTE, w: Tensor, grad: Tensor) -> Tensor:
+    """grad * ste'(w), without a pass for the identity STE."""
+    bound = getattr(ste, "mask_bound", "none")
+    if bound is None:
+        return grad
+    if bound != "none":
+        return grad.mul_(w.abs() <= bound)
+    return grad.mul_(ste.pseudo_grad(w))
+
+
+def _sign_int8(w: Tensor) -> Tensor:
+    s = w.sign().to(torch.int8)  # see product.sign_int8
+    return s.add_(s == 0)
+
+
+def mean_abs_scale(w: Tensor, per_channel: bool = True) -> Tensor:
+    """alpha_o = ||W_o||_1 / n: the mean absolute latent weight of each output channel o
+    (per_channel=False: one alpha = ||W||_1 / N for the whole layer).
 
     Rastegari et al. 2016, "XNOR-Net", eq. 3-4: the alpha minimizing ||W - alpha*sign(W)||^2.
-    Shape [out, 1, ...] so that it broadcasts over W.
+    Shape [out, 1, ...] (or [1, 1, ...]) so that it broadcasts over W.
     """
-    return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    shape = (w.shape[0] if per_channel else 1, *([1] * (w.dim() - 1)))
+    return _l1_mean(w, per_channel).view(shape)
+
+
+def _l1_mean(w: Tensor, per_channel: bool) -> Tensor:
+    """mean_abs_scale flattened to [O] (or [1]), without a |W| temporary."""
+    flat = w.flatten(1) if per_channel else w.reshape(1, -1)
+    return torch.linalg.vector_norm(flat, 1, dim=1) / flat.shape[1]
+
+
+def _scale_dims(w: Tensor, per_channel: bool) -> tuple[int, ...]:
+    return tuple(range(1 if per_channel else 0, w.dim()))
 
 
 class SignWeight(nn.Module):
@@ -28,6 +55,13 @@ class SignWeight(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         return self.ste(w)
 
+    # The fused products (`product.py`) take W_b = alpha * s apart, and hand dL/dW_b back for dL/dW.
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _sign_int8(w), None
+
+    def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
+        return _through_ste(self.ste, w, grad_wb)
+
 
 class ScaledSignWeight(nn.Module):
     """W_b = alpha * sign(W), alpha = mean|W| per output channel (BWN and XNOR-Net).
@@ -38,12 +72,32 @@ class ScaledSignWeight(nn.Module):
     ste'(W_i)), which drops the j != i terms of the second part.)
     """
 
-    def __init__(self, ste: SignSTE):
+    def __init__(self, ste: SignSTE, per_channel: bool = True):
         super().__init__()
-        self.ste = ste
+        self.ste, self.per_channel = ste, per_channel
 
     def forward(self, w: Tensor) -> Tensor:
-        return mean_abs_scale(w) * self.ste(w)
+        return mean_abs_scale(w, self.per_channel) * self.ste(w)
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _sign_int8(w), _l1_mean(w, self.per_channel)
+
+    needs_row_sums = True  # latent_grad takes sum_j G_oj sign(W_oj); the fused products compute it cheaply
+
+    def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None,
+                    row_sums: Tensor | None = None) -> Tensor:
+        """alpha * G * ste'(W) + sign(W) / n * sum_j G_j sign(W_j), over each channel (or the layer).
+
+        row_sums[o] = sum_j G_oj sign(W_oj) if the caller has it (the fused products get it from
+        the forward's integer outputs P: sum_j G_oj s_oj = sum_b g_bo P_bo), else computed here."""
+        shape = (alpha.numel(), *([1] * (w.dim() - 1)))
+        if row_sums is None:
+            row_sums = (grad_wb * s).flatten(1).sum(1)
+        n = w[0].numel()
+        if not self.per_channel:
+            row_sums, n = row_sums.sum().view(1), w.numel()
+        direct = _through_ste(self.ste, w, grad_wb.mul_(alpha.view(shape)))
+        return direct.addcmul_(s, (row_sums / n).view(shape))
 
 
 class MagnitudeSignWeight(nn.Module):
@@ -58,20 +112,49 @@ class MagnitudeSignWeight(nn.Module):
     scale in the gradient.)
     """
 
-    def __init__(self, ste: SignSTE):
+    def __init__(self, ste: SignSTE, per_channel: bool = True):
         super().__init__()
-        self.ste = ste
+        self.ste, self.per_channel = ste, per_channel
 
     def forward(self, w: Tensor) -> Tensor:
-        return mean_abs_scale(w).detach() * self.ste(w)
+        return mean_abs_scale(w, self.per_channel).detach() * self.ste(w)
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _sign_int8(w), _l1_mean(w, self.per_channel)
+
+    def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
+        shape = (alpha.numel(), *([1] * (w.dim() - 1)))
+        return _through_ste(self.ste, w, grad_wb.mul_(alpha.view(shape)))
+
+
+class LearnableScaleSignWeight(nn.Module):
+    """W_b = alpha * sign(W) with alpha a trained parameter per output channel (or one per layer),
+    initialized to mean|W| and learned by gradient: dL/dalpha_o = sum_i G_oi sign(W_oi),
+    dL/dW_i = alpha * G_i * ste'(W_i) (G = dL/dW_b).
+
+    Bulat & Tzimiropoulos 2019, "XNOR-Net++", sec. 3 (learned scaling factors); also the learned
+    alpha of several BWN implementations. The fused products do not cover it (alpha is a Parameter
+    of its own), so these layers take the float path.
+    """
+
+    def __init__(self, ste: SignSTE, weight: Tensor, per_channel: bool = True):
+        super().__init__()
+        self.ste, self.per_channel = ste, per_channel
+        self.scale = nn.Parameter(mean_abs_scale(weight.detach(), per_channel).clone())
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.scale * self.ste(w)
 
 
 class StochasticSignWeight(nn.Module):
     """Stochastic BinaryConnect: W_b = +1 with probability clip((W + 1) / 2, 0, 1), else -1, while
-    training; deterministic sign(W) in eval mode.
+    training; in eval mode the real-valued weights clip(W, -1, 1) = E[W_b].
 
     Courbariaux, Bengio & David 2015, "BinaryConnect", eq. 2. Sampled as sign(W - u), u ~ U(-1, 1):
     P(W - u >= 0) = clip((W + 1) / 2, 0, 1). The gradient reaches W through `ste` at W - u.
+    Evaluation follows the paper's sec. 2.6 ("real-valued weights for the stochastic form"): sign(W)
+    would be a different network from the sampled ones BatchNorm's running statistics were
+    gathered on, while E[W_b] keeps every pre-activation's mean.
     """
 
     def __init__(self, ste: SignSTE):
@@ -80,13 +163,13 @@ class StochasticSignWeight(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.training:
-            return self.ste(w)
+            return w.clamp(-1, 1)
         return self.ste(w - (torch.rand_like(w) * 2 - 1))
 
 
 WEIGHT_BINARIZERS: dict[str, type[nn.Module]] = {
     "sign": SignWeight, "scaled_sign": ScaledSignWeight, "magnitude_sign": MagnitudeSignWeight,
-    "stochastic_sign": StochasticSignWeight}
+    "stochastic_sign": StochasticSignWeight, "learnable_scale": LearnableScaleSignWeight}
 
 
 class ConvActivationScale(nn.Module):

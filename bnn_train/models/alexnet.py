@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bnn_train.errors import ConfigError
-from bnn_train.models.resnet import SMALL_INPUT_PX
+from bnn_train.models.resnet import SMALL_INPUT_PX, widen
 
 # (out_channels, kernel, stride, padding, max-pool after) per conv
 IMAGENET_CONVS = [(96, 11, 4, 2, True), (256, 5, 1, 2, True), (384, 3, 1, 1, False), (384, 3, 1, 1, False),
@@ -46,12 +46,13 @@ class AlexNet(nn.Module):
     per_conv_shortcut = False
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, variant: str, fc_width: int,
-                 block_order: str, act_layer):
+                 block_order: str, act_layer, width_mult: float = 1.0):
         super().__init__()
         xnor = block_order == "xnor"
         imagenet = variant == "imagenet"
         blocks, cin = [], in_channels
         for i, (cout, k, s, p, pooled) in enumerate(IMAGENET_CONVS if imagenet else CIFAR_CONVS):
+            cout = widen(cout, width_mult)
             pool = (nn.MaxPool2d(3, 2) if imagenet else nn.MaxPool2d(2, 2)) if pooled else None
             blocks.append(_block(nn.Conv2d(cin, cout, k, s, p, bias=False), cin, cout, i == 0, False, xnor,
                                  act_layer, pool))
@@ -85,4 +86,5 @@ def build_alexnet(cfg, in_channels: int, num_classes: int, image_size: int, act_
         variant = "cifar" if image_size < SMALL_INPUT_PX else "imagenet"
     if fc_width == "auto":
         fc_width = DEFAULT_FC_WIDTH[variant]
-    return AlexNet(in_channels, num_classes, image_size, variant, int(fc_width), order, act_layer)
+    m = cfg.get("width_mult", 1.0)
+    return AlexNet(in_channels, num_classes, image_size, variant, widen(int(fc_width), m), order, act_layer, m)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bnn_train.models.resnet import SMALL_INPUT_PX, ResNet, cifar_stem, conv3x3, imagenet_stem
+from bnn_train.models.resnet import SMALL_INPUT_PX, ResNet, cifar_stem, conv3x3, imagenet_stem, widen
 
 
 class BiRealBlock(nn.Module):
@@ -53,8 +53,9 @@ def _build_bireal(cfg, in_channels: int, num_classes: int, image_size: int, act_
     kind = cfg.get("stem", "auto")
     if kind == "auto":
         kind = "cifar" if image_size < SMALL_INPUT_PX else "imagenet"
-    stem = (cifar_stem if kind == "cifar" else imagenet_stem)(in_channels, 64, act_layer)
-    return BiRealNet(stem, 64, [64, 128, 256, 512], convs, num_classes, act_layer,
+    m = cfg.get("width_mult", 1.0)
+    stem = (cifar_stem if kind == "cifar" else imagenet_stem)(in_channels, widen(64, m), act_layer)
+    return BiRealNet(stem, widen(64, m), [widen(c, m) for c in (64, 128, 256, 512)], convs, num_classes, act_layer,
                      shortcut=bool(cfg.get("shortcut", True)))
 
 

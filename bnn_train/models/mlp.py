@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from bnn_train.models.resnet import widen
+
 
 class MLP(nn.Module):
     per_conv_shortcut = False
@@ -30,5 +32,6 @@ class MLP(nn.Module):
 
 
 def build_mlp(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> MLP:
-    return MLP(in_channels * image_size * image_size, num_classes, cfg.depth, cfg.width, act_layer,
+    return MLP(in_channels * image_size * image_size, num_classes, cfg.depth, widen(cfg.width, cfg.get("width_mult", 1.0)),
+               act_layer,
                cfg.get("dropout", 0.0), cfg.get("final_bn", True))

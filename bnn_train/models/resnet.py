@@ -10,6 +10,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
+def widen(channels: int, mult: float) -> int:
+    """`channels` times the width multiplier (model.width_mult), at least 1: the "wider binary
+    network" compensation (e.g. Zhu, Al-Ars & Hofstee 2019, "Binary Ensemble Neural Network", and
+    the width studies in Bethge et al. 2019, "Back to Simplicity")."""
+    return max(1, int(round(channels * mult)))
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
@@ -75,9 +82,12 @@ def build_resnet18(cfg, in_channels: int, num_classes: int, image_size: int, act
     kind = cfg.get("stem", "auto")
     if kind == "auto":
         kind = "cifar" if image_size < SMALL_INPUT_PX else "imagenet"
-    stem = (cifar_stem if kind == "cifar" else imagenet_stem)(in_channels, 64, act_layer)
-    return ResNet(stem, 64, [64, 128, 256, 512], [2, 2, 2, 2], num_classes, act_layer)
+    m = cfg.get("width_mult", 1.0)
+    stem = (cifar_stem if kind == "cifar" else imagenet_stem)(in_channels, widen(64, m), act_layer)
+    return ResNet(stem, widen(64, m), [widen(c, m) for c in (64, 128, 256, 512)], [2, 2, 2, 2], num_classes, act_layer)
 
 
 def build_resnet20(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> ResNet:
-    return ResNet(cifar_stem(in_channels, 16, act_layer), 16, [16, 32, 64], [3, 3, 3], num_classes, act_layer)
+    m = cfg.get("width_mult", 1.0)
+    return ResNet(cifar_stem(in_channels, widen(16, m), act_layer), widen(16, m), [widen(c, m) for c in (16, 32, 64)],
+                  [3, 3, 3], num_classes, act_layer)

@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -20,12 +19,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bnn_train.analysis import FlipTracker, summarize
 from bnn_train.binarize import clip_latent_
+from bnn_train.binarize.transform import set_binary_precision
 from bnn_train.config import flatten
 from bnn_train.data import build_data
-from bnn_train.errors import CheckpointError, TrainingError
+from bnn_train.errors import CheckpointError, ConfigError, TrainingError
 from bnn_train.train import distributed
+from bnn_train.train.cpu_memory import keep_freed_memory
 from bnn_train.train.checkpoint import load_checkpoint, restore_checkpoint, rng_state, save_checkpoint
 from bnn_train.train.distill import build_teacher, distillation_loss
+from bnn_train.train.losses import LOSSES, quantization_errors, quantization_penalty
 from bnn_train.train.optim import build_optimizer, build_scheduler
 from bnn_train.train.records import NullWriter, log_hparams, log_latent_histograms, write_json_atomic
 from bnn_train.train.setup import binary_weights, build_network, resolve_device
@@ -56,10 +58,22 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
     if world.enabled:
         data.train.shard(world.rank, world.world)
     teacher = build_teacher(cfg.teacher, data.in_channels, data.num_classes, data.image_size, device)  # or None
+    loss_fn = LOSSES[cfg.get("loss", "cross_entropy")]
+    if teacher is not None and loss_fn is not LOSSES["cross_entropy"]:
+        raise ConfigError(f"loss={cfg.loss} with teacher={cfg.teacher.name}: distillation's hard-target term is "
+                          f"cross-entropy; use loss=cross_entropy or teacher=none")
+    reg = cfg.method.get("reg", "none")
     net, binarized = build_network(cfg, data.in_channels, data.num_classes, data.image_size, stage)
     if init_from is not None:
         _initialize(net, init_from)
     net.to(device)
+    if tc.channels_last:
+        net.to(memory_format=torch.channels_last)
+    products = set_binary_precision(net, tc.binary_precision, tc.binary_backward, device)
+    if device.type == "cpu" and tc.keep_cpu_memory:
+        keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     summary = summarize(net, (data.in_channels, data.image_size, data.image_size))
     if main:
         (run_dir / "model_summary.md").write_text(summary.to_markdown() + "\n")
@@ -87,7 +101,14 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
     # On resume, drop points logged after the checkpoint so curves don't double back.
     writer = (SummaryWriter(str(run_dir / "tb"), purge_step=progress["step"] + 1 if progress["step"] else None)
               if main else NullWriter())
+    if products and (tc.binary_precision, tc.binary_backward) == ("fp32", "fp32"):
+        log.info("+-1 products: the float simulation (binary_precision=fp32, binary_backward=fp32)")
+    elif products:
+        log.info("exact +-1 products: %s (backward %s)", _count(products.values()), tc.binary_backward)
     model = distributed.wrap(net, world, device)  # the module the loop trains; `net` is what is saved
+    if tc.compile:
+        model = torch.compile(model)
+    layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     writer.add_text("model/summary", summary.to_markdown(), progress["step"])
     flips = FlipTracker(net)  # sign changes of binary weights between log points
     show_bar = main and (tc.progress is True or tc.progress == "true" or (tc.progress == "auto" and sys.stderr.isatty()))
@@ -98,7 +119,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
             save_checkpoint(run_dir / "checkpoints" / name, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "progress": progress, "rng": rng_state(),
-                "binarized_layers": binarized, "config": config_dict, "stage": stage})
+                "binarized_layers": binarized, "config": config_dict, "stage": stage,
+                "input_shape": [data.in_channels, data.image_size, data.num_classes]})
 
     def write_metrics(status: str) -> dict:
         history = progress["history"]
@@ -134,14 +156,17 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
                 if part["batch"] >= steps_per_epoch:
                     break
                 part["batch"] += 1
+                x = _layout(x, layout)
                 with autocast:
                     logits = model(x)
                     if teacher is None:
-                        loss = F.cross_entropy(logits.float(), y)
+                        loss = loss_fn(logits.float(), y)
                     else:  # distillation from the frozen teacher; train/loss logs this loss
                         with torch.no_grad():
                             teacher_logits = teacher(x)
                         loss = distillation_loss(logits.float(), teacher_logits.float(), y, cfg.teacher)
+                    if reg != "none":
+                        loss = loss + cfg.method.reg_weight * quantization_penalty(net, reg)
                 if not math.isfinite(loss.item()):
                     _nonfinite(loss.item(), progress, tc.skip_nonfinite)
                     continue
@@ -163,6 +188,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
                     writer.add_scalar("lr", optimizer.param_groups[0]["lr"], progress["step"])
                     for tag, ratio in flips.update().items():
                         writer.add_scalar(tag, ratio, progress["step"])
+                    for name, eps in quantization_errors(net).items():
+                        writer.add_scalar(f"quant_error/{name}", eps.item(), progress["step"])
                     part.update(win_loss=0.0, win_correct=0, win_seen=0)
                 if tc.ckpt_every_n_steps and progress["step"] % tc.ckpt_every_n_steps == 0:
                     part["time_s"] = time.perf_counter() - t0
@@ -177,7 +204,7 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
             sum_loss, sum_correct, seen = distributed.all_sum([part["loss"], part["correct"], part["seen"]],
                                                               world, device)
 
-            val_loss, val_acc = evaluate(model, data.val, tc.limit_val_batches, autocast)
+            val_loss, val_acc = evaluate(model, data.val, tc.limit_val_batches, autocast, layout, loss_fn)
             progress["epoch"] = epoch + 1
             progress["train_time_s"] += epoch_time
             progress["train_samples"] += seen
@@ -190,6 +217,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
             writer.add_scalar("val/loss", val_loss, step)
             writer.add_scalar("val/acc", val_acc, step)
             writer.add_scalar("epoch", epoch + 1, step)
+            for name, eps in quantization_errors(net).items():  # also when an epoch is shorter than the log interval
+                writer.add_scalar(f"quant_error/{name}", eps.item(), step)
             if (epoch + 1) % tc.hist_every_n_epochs == 0 or epoch + 1 == tc.epochs:
                 log_latent_histograms(writer, net, step)
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1f s, %.0f samples/s)",
@@ -215,7 +244,8 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
 
 
 @torch.no_grad()
-def evaluate(model, loader, limit: int | None, autocast) -> tuple[float, float]:
+def evaluate(model, loader, limit: int | None, autocast, layout=torch.contiguous_format,
+             loss_fn=LOSSES["cross_entropy"]) -> tuple[float, float]:
     """(mean loss, accuracy) over the first `limit` batches of `loader` (all when None)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
@@ -223,11 +253,22 @@ def evaluate(model, loader, limit: int | None, autocast) -> tuple[float, float]:
         if limit is not None and i >= limit:
             break
         with autocast:
-            logits = model(x).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            logits = model(_layout(x, layout)).float()
+        total_loss += loss_fn(logits, y).item() * y.numel()
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.numel()
     return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def _layout(x, layout):
+    return x.contiguous(memory_format=layout) if x.dim() == 4 else x
+
+
+def _count(values) -> str:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{n} layers {p}" for p, n in sorted(counts.items()))
 
 
 def _nonfinite(value: float, progress: dict, allowed: int) -> None:

@@ -5,30 +5,56 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+def glorot_lr_scale(weight: Tensor) -> float:
+    """1/H with H = sqrt(1.5 / (fan_in + fan_out)): BinaryConnect's per-layer learning-rate factor
+    (Courbariaux, Bengio & David 2015, sec. 2.5 and its reference code). It lets latent weights
+    travel the whole [-1, 1] range at a step size meant for real weights, which the stochastic
+    variant needs: its sampling probabilities only leave 1/2 when |W| grows."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+    return 1.0 / math.sqrt(1.5 / (fan_in + fan_out))
 
 
 def param_groups(model: nn.Module, binary_weights: list[nn.Parameter], weight_decay: float,
-                 decay_binary: bool) -> list[dict]:
-    """Two groups so that weight decay can spare the latent weights of binarized layers: decay
+                 decay_binary: bool, latent_lr_scale: str = "none") -> list[dict]:
+    """Separate groups so that weight decay can spare the latent weights of binarized layers: decay
     pulls them towards 0, where their sign flips on noise (Bi-Real Net and ReActNet train
-    binary weights without it)."""
+    binary weights without it). latent_lr_scale=glorot gives each binarized layer its own group
+    whose `lr_scale` multiplies the base learning rate."""
     binary_ids = {id(p) for p in binary_weights}
     binary = [p for p in model.parameters() if id(p) in binary_ids]
     real = [p for p in model.parameters() if id(p) not in binary_ids]
     groups = [{"params": real, "weight_decay": weight_decay}]
-    if binary:
-        groups.append({"params": binary, "weight_decay": weight_decay if decay_binary else 0.0})
+    binary_decay = weight_decay if decay_binary else 0.0
+    if binary and latent_lr_scale == "glorot":
+        groups += [{"params": [p], "weight_decay": binary_decay, "lr_scale": glorot_lr_scale(p)} for p in binary]
+    elif binary:
+        groups.append({"params": binary, "weight_decay": binary_decay})
     return groups
 
 
 def build_optimizer(model: nn.Module, cfg, binary_weights: list[nn.Parameter]) -> torch.optim.Optimizer:
-    groups = param_groups(model, binary_weights, cfg.weight_decay, cfg.decay_binary)
+    groups = param_groups(model, binary_weights, cfg.weight_decay, cfg.decay_binary,
+                          cfg.get("latent_lr_scale", "none"))
+    for group in groups:
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    # fused: one kernel per step for all parameters (CPU and CUDA); the per-tensor loop costs
+    # several passes over every weight, as much as the network's own matmuls for an MLP.
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=_fusable(model))
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               fused=_fusable(model))
     raise ValueError(f"optim={cfg.name}: no builder")  # unreachable after config validation
+
+
+def _fusable(model: nn.Module) -> bool | None:
+    params = list(model.parameters())
+    devices = {p.device.type for p in params}
+    ok = params and devices <= {"cpu", "cuda"} and len(devices) == 1 and all(p.is_floating_point() for p in params)
+    return True if ok else None
 
 
 def lr_factor(cfg, step: int, steps_per_epoch: int, epochs: int) -> float:

@@ -47,6 +47,10 @@ def build_network(cfg, in_channels: int, num_classes: int, image_size: int,
                           keep_downsample_real=method.keep_downsample_real,
                           act_scale=method.get("act_scale", "none"), stochastic=method.get("stochastic", False),
                           magnitude_aware=method.get("magnitude_aware", True),
+                          weight_scale=method.get("weight_scale", "auto"),
+                          scale_granularity=method.get("weight_scale_granularity", "channel"),
+                          affine_output=method.get("affine_output", False), act_levels=method.get("act_levels", "pm1"),
+                          act_stochastic=method.get("act_stochastic", False),
                           **(stage or {}))
     return model, binarized
 

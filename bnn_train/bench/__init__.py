@@ -1,0 +1,1 @@
+"""Benchmarks whose scripts live in scripts/."""

@@ -1,0 +1,224 @@
+"""Packed 1-bit models: export a trained network with its binary weights as bits, load it back as a
+module whose binarized layers run on the XNOR/popcount kernels.
+
+File (torch.save of a dict, format "bnn-packed-1"): the run's config, the input shape, every
+real tensor of the state dict in fp32 (first/last layers, BatchNorm, scales, thresholds), and per
+binarized layer sign(W) as bits (numpy.packbits of [O, C * kh * kw], 1 <=> +1) with its shape.
+A binarized layer's output is alpha * (sign(x) . sign(W)) [* K(x)] [affine] + b exactly as in
+training, with the +-1 sum computed by the kernels as an int32, so predictions match the
+training-time module (`trainer.binary_precision` exact paths) bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnn_train.binarize import binary_layers
+from bnn_train.binarize.layers import BinaryConv2d, BinaryLinear
+from bnn_train.binarize.product import memory_format
+from bnn_train.binarize.quantizers import SignSTE, StochasticSign, ThresholdSign
+from bnn_train.deploy import kernels
+from bnn_train.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+FORMAT = "bnn-packed-1"
+
+
+# ---- bits --------------------------------------------------------------------------------------
+
+
+def pack_rows(signs: Tensor) -> np.ndarray:
+    """bool [O, K] -> uint8 [O, ceil(K / 8)] (numpy.packbits, big-endian bit order)."""
+    return np.packbits(signs.cpu().numpy(), axis=1)
+
+
+def unpack_rows(bits: np.ndarray, k: int) -> Tensor:
+    return torch.from_numpy(np.unpackbits(bits, axis=1, count=k).astype(bool))
+
+
+def pack_words(signs: Tensor) -> Tensor:
+    """bool [..., C] -> int64 [..., ceil(C / 64)], bit c of word c // 64 at position c % 64."""
+    c = signs.shape[-1]
+    words = (c + 63) // 64
+    padded = F.pad(signs.to(torch.int64), (0, words * 64 - c)).view(*signs.shape[:-1], words, 64)
+    weights = torch.ones(64, dtype=torch.int64) << torch.arange(64, dtype=torch.int64)  # bit 63 wraps to int64 min
+    return (padded * weights).sum(-1)
+
+
+def kernel_weight(signs: Tensor) -> Tensor:
+    """bool [O, C, kh, kw] -> int64 [kh * kw * words, O], the kernels' layout (filters contiguous)."""
+    o, c, kh, kw = signs.shape
+    words = pack_words(signs.permute(2, 3, 0, 1))  # [kh, kw, O, words]
+    return words.permute(0, 1, 3, 2).reshape(kh * kw * words.shape[-1], o).contiguous()
+
+
+# ---- packed layers -------------------------------------------------------------------------------
+
+
+def _sign_source(quantizer: nn.Module, x: Tensor) -> Tensor:
+    """The tensor whose sign the layer's input quantizer takes (eval mode)."""
+    if isinstance(quantizer, ThresholdSign):
+        return x - quantizer.threshold.view(1, -1, *([1] * (x.dim() - 2)))
+    if isinstance(quantizer, (SignSTE, StochasticSign)):
+        return x
+    raise CheckpointError(f"export: input quantizer {type(quantizer).__name__} has no packed form "
+                          f"(the packed engine runs +-1 activations)")
+
+
+class PackedBinaryConv2d(nn.Module):
+    """A BinaryConv2d with sign(W) as kernel bits; forward = alpha * popcount conv [* K] [affine] + b."""
+
+    def __init__(self, layer: BinaryConv2d, signs: Tensor, alpha: Tensor | None):
+        super().__init__()
+        conv = isinstance(layer, nn.Conv2d)  # a linear layer is the 1x1 case
+        self.kernel_size, self.stride = (layer.kernel_size, layer.stride) if conv else ((1, 1), (1, 1))
+        self.padding, self.dilation = (layer.padding, layer.dilation) if conv else ((0, 0), (1, 1))
+        self.in_channels, self.out_channels = signs.shape[1], signs.shape[0]
+        self.input_quantizer, self.act_scale, self.affine = layer.input_quantizer, layer.act_scale, layer.affine
+        self.bias = layer.bias
+        self.register_buffer("alpha", alpha)
+        self.register_buffer("bits", kernel_weight(signs))
+        self.register_buffer("signs", torch.where(signs, 1, -1).to(torch.int8))  # for the torch fallback
+        self.impl = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = _sign_source(self.input_quantizer, x)
+        module = kernels.load()
+        if module is None:
+            out = F.conv2d(torch.where(pre >= 0, 1.0, -1.0), self.signs.float(), stride=self.stride,
+                           padding=self.padding, dilation=self.dilation)
+        else:
+            impl = kernels.IMPLS[self.impl or kernels.best_impl()]
+            out = module.binary_conv(module.pack_channels(pre.float()), self.bits, self.in_channels,
+                                     *self.kernel_size, *self.stride, *self.padding, *self.dilation, impl)
+            # NHWC int32 -> float in the input's memory format, so that later layers sum in the same order
+            out = out.permute(0, 3, 1, 2).float().contiguous(memory_format=memory_format(x))
+        if self.alpha is not None:
+            out = out * self.alpha.view(1, -1, 1, 1)
+        if self.act_scale is not None:
+            out = out * self.act_scale(x)
+        if self.affine is not None:
+            out = self.affine(out, (1, -1, 1, 1))
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+class PackedBinaryLinear(PackedBinaryConv2d):
+    """A BinaryLinear as the 1x1 conv of a 1x1 image."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = _sign_source(self.input_quantizer, x)
+        module = kernels.load()
+        if module is None:
+            out = torch.where(pre >= 0, 1.0, -1.0) @ self.signs.flatten(1).float().t()
+        else:
+            impl = kernels.IMPLS[self.impl or kernels.best_impl()]
+            bits = module.pack_channels(pre.float()[:, :, None, None])
+            out = module.binary_conv(bits, self.bits, self.in_channels, 1, 1, 1, 1, 0, 0, 1, 1, impl)
+            out = out.view(x.shape[0], -1).float()
+        if self.alpha is not None:
+            out = out * self.alpha
+        if self.act_scale is not None:
+            out = out * self.act_scale(x)
+        if self.affine is not None:
+            out = self.affine(out, (-1,))
+        return out if self.bias is None else out + self.bias
+
+
+class FixedBinaryWeight(nn.Module):
+    """The binary weights of a loaded packed model: alpha * s from the file, whatever the latent."""
+
+    def __init__(self, signs: Tensor, alpha: Tensor | None):
+        super().__init__()
+        self.register_buffer("s", torch.where(signs, 1.0, -1.0))
+        self.register_buffer("alpha", alpha)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.s if self.alpha is None else self.alpha.view(-1, *([1] * (self.s.dim() - 1))) * self.s
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.s.to(torch.int8), self.alpha
+
+
+def binary_alpha(name: str, layer: nn.Module) -> Tensor | None:
+    """alpha of a binarized layer's W_b = alpha * sign(W) ([O] or [1]), None for plain sign(W)."""
+    quantizer = layer.weight_quantizer
+    if hasattr(quantizer, "split"):
+        alpha = quantizer.split(layer.weight.detach())[1]
+    elif hasattr(quantizer, "scale"):  # learned alpha
+        alpha = quantizer.scale.detach().flatten()
+    else:
+        raise CheckpointError(f"export: layer {name} ({type(quantizer).__name__}) has no binary weights at "
+                              f"evaluation (stochastic BinaryConnect evaluates with real-valued weights)")
+    return None if alpha is None else alpha.float().clone()
+
+
+def to_packed_(model: nn.Module) -> list[str]:
+    """Swap every binarized layer whose inputs are signed for its packed form (in place); layers with
+    real inputs (a BNN's first layer, BWN) keep the float product of their binary weights."""
+    done = []
+    for name, layer in list(binary_layers(model)):
+        if not layer.binary_product:
+            continue
+        signs = layer.weight.detach() >= 0 if not isinstance(layer.weight_quantizer, FixedBinaryWeight) \
+            else layer.weight_quantizer.s > 0
+        if isinstance(layer, BinaryLinear):
+            signs = signs[:, :, None, None]
+        cls = PackedBinaryConv2d if isinstance(layer, BinaryConv2d) else PackedBinaryLinear
+        model.set_submodule(name, cls(layer, signs, layer.weight_quantizer.split(layer.weight.detach())[1]))
+        done.append(name)
+    return done
+
+
+# ---- export / load --------------------------------------------------------------------------------
+
+
+def export(model: nn.Module, config: dict, input_shape: tuple[int, int, int], path: Path) -> dict:
+    """Write `model` (a trained, binarized network) as a packed file; returns sizes in bytes."""
+    binary = {}
+    for name, layer in binary_layers(model):
+        w = layer.weight.detach()
+        binary[name] = {"bits": torch.from_numpy(pack_rows((w >= 0).flatten(1))), "shape": list(w.shape),
+                        "alpha": binary_alpha(name, layer)}
+    real = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if not (k.endswith(".weight") and k[: -len(".weight")] in binary)}
+    payload = {"format": FORMAT, "config": config, "input_shape": list(input_shape), "real": real, "binary": binary}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path.write_bytes(buffer.getvalue())
+    return {"packed_bytes": len(buffer.getvalue()),
+            "binary_bits_bytes": sum(b["bits"].numel() for b in binary.values()),
+            "fp32_model_bytes": sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point())}
+
+
+def load_packed(path: Path) -> nn.Module:
+    """A module for inference from a packed file: the network rebuilt from its config, real
+    tensors loaded, binary layers running on the packed kernels (eval mode)."""
+    from omegaconf import OmegaConf
+
+    from bnn_train.train.setup import build_network
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable packed model ({type(e).__name__}); export one with "
+                              f"scripts/export.py") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} file; export one with scripts/export.py")
+    cfg = OmegaConf.create(payload["config"])
+    c, size, classes = payload["input_shape"]
+    model, _ = build_network(cfg, c, classes, size)
+    signs = {name: unpack_rows(e["bits"].numpy(), int(np.prod(e["shape"][1:]))).view(e["shape"])
+             for name, e in payload["binary"].items()}
+    state = {**payload["real"], **{f"{n}.weight": torch.where(s, 1.0, -1.0) for n, s in signs.items()}}
+    model.load_state_dict(state, strict=True)
+    for name, layer in binary_layers(model):
+        layer.weight_quantizer = FixedBinaryWeight(signs[name], payload["binary"][name]["alpha"])
+    to_packed_(model)
+    return model.eval()
