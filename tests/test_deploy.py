@@ -36,17 +36,18 @@ def test_packed_conv_is_integer_exact(impl, c, o, k, stride, padding, dilation):
     torch.manual_seed(0)
     x, w = torch.randn(2, c, 7, 6), torch.randn(o, c, k, k)
     ref = F.conv2d(sign(x), sign(w), stride=stride, padding=padding, dilation=dilation)
-    out = ops.binary_conv(ops.pack_channels(x), kernel_weight(w >= 0), c, k, k, stride, stride, padding, padding,
+    out = ops.binary_conv(ops.pack_channels(x, kernels.IMPLS[impl]), kernel_weight(w >= 0), c, k, k, stride, stride, padding, padding,
                           dilation, dilation, kernels.IMPLS[impl])
     assert out.dtype == torch.int32
     assert torch.equal(out.permute(0, 3, 1, 2).float(), ref)
 
 
 @needs_kernels
-def test_pack_channels_matches_pack_words():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pack_channels_matches_pack_words(impl):
     x = torch.randn(2, 130, 3, 4)
-    x[0, 0, 0, 0] = 0.0  # sign(0) = +1
-    assert torch.equal(ops.pack_channels(x), pack_words(x.permute(0, 2, 3, 1) >= 0))
+    x[0, 0, 0, 0], x[0, 17, 0, 0] = 0.0, -0.0  # sign(0) = sign(-0) = +1
+    assert torch.equal(ops.pack_channels(x, kernels.IMPLS[impl]), pack_words(x.permute(0, 2, 3, 1) >= 0))
 
 
 @pytest.mark.parametrize("method,model", [("xnor", "resnet20"), ("bnn", "mlp"), ("reactnet", "bireal18"),

@@ -63,7 +63,7 @@ def conv_case(batch: int, c: int, size: int, reps: int, ops) -> dict:
         return torch._int_mm(cols, w_cols)
 
     fns = {"fp32": lambda: F.conv2d(torch.where(x >= 0, 1.0, -1.0), w_pm1, padding=1), "int8": int8,
-           "packed": lambda: ops.binary_conv(ops.pack_channels(x), bits, c, 3, 3, 1, 1, 1, 1, 1, 1, impl)}
+           "packed": lambda: ops.binary_conv(ops.pack_channels(x, impl), bits, c, 3, 3, 1, 1, 1, 1, 1, 1, impl)}
     t = median_times(fns, reps)
     return {"case": f"conv3x3 C={c} {size}px b={batch}", **{f"{k}_ms": v * 1e3 for k, v in t.items()},
             "fp32/packed": t["fp32"] / t["packed"], "int8/packed": t["int8"] / t["packed"]}
@@ -78,7 +78,7 @@ def linear_case(reps: int, ops, batch: int = 64, n: int = 4096) -> dict:
     impl = kernels.IMPLS[kernels.best_impl()]
     fns = {"fp32": lambda: torch.where(x >= 0, 1.0, -1.0) @ w_pm1.t(),
            "int8": lambda: torch._int_mm(torch.where(x >= 0, 1, -1).to(torch.int8), w_i8),
-           "packed": lambda: ops.binary_conv(ops.pack_channels(x[:, :, None, None]), bits, n, 1, 1, 1, 1, 0, 0, 1, 1,
+           "packed": lambda: ops.binary_conv(ops.pack_channels(x[:, :, None, None], impl), bits, n, 1, 1, 1, 1, 0, 0, 1, 1,
                                              impl)}
     t = median_times(fns, reps)
     return {"case": f"linear {n}x{n} b={batch}", **{f"{k}_ms": v * 1e3 for k, v in t.items()},

@@ -96,7 +96,7 @@ class PackedBinaryConv2d(nn.Module):
                            padding=self.padding, dilation=self.dilation)
         else:
             impl = kernels.IMPLS[self.impl or kernels.best_impl()]
-            out = module.binary_conv(module.pack_channels(pre.float()), self.bits, self.in_channels,
+            out = module.binary_conv(module.pack_channels(pre.float(), impl), self.bits, self.in_channels,
                                      *self.kernel_size, *self.stride, *self.padding, *self.dilation, impl)
             # NHWC int32 -> float in the input's memory format, so that later layers sum in the same order
             out = out.permute(0, 3, 1, 2).float().contiguous(memory_format=memory_format(x))
@@ -119,7 +119,7 @@ class PackedBinaryLinear(PackedBinaryConv2d):
             out = torch.where(pre >= 0, 1.0, -1.0) @ self.signs.flatten(1).float().t()
         else:
             impl = kernels.IMPLS[self.impl or kernels.best_impl()]
-            bits = module.pack_channels(pre.float()[:, :, None, None])
+            bits = module.pack_channels(pre.float()[:, :, None, None], impl)
             out = module.binary_conv(bits, self.bits, self.in_channels, 1, 1, 1, 1, 0, 0, 1, 1, impl)
             out = out.view(x.shape[0], -1).float()
         if self.alpha is not None:

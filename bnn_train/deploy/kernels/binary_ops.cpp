@@ -151,6 +151,34 @@ void run(const uint64_t* x, const uint64_t* w, const Geometry& g, int32_t* out) 
 
 }  // namespace
 
+// Sign bits of one pixel's C floats into words (bit c set when s[c] >= 0, -0.0 included).
+void pack_pixel_scalar(const float* s, int64_t C, uint64_t* d) {
+  for (int64_t c = 0; c < C; ++c)
+    if (s[c] >= 0.f) d[c >> 6] |= (uint64_t{1} << (c & 63));
+}
+
+__attribute__((target("avx512f"))) void pack_pixel_avx512(const float* s, int64_t C, uint64_t* d) {
+  const __m512 zero = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {  // one compare gives 16 sign bits
+    const uint64_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + c), zero, _CMP_GE_OQ);
+    d[c >> 6] |= m << (c & 63);
+  }
+  for (; c < C; ++c)
+    if (s[c] >= 0.f) d[c >> 6] |= (uint64_t{1} << (c & 63));
+}
+
+__attribute__((target("avx2"))) void pack_pixel_avx2(const float* s, int64_t C, uint64_t* d) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const uint64_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + c), zero, _CMP_GE_OQ)));
+    d[c >> 6] |= m << (c & 63);
+  }
+  for (; c < C; ++c)
+    if (s[c] >= 0.f) d[c >> 6] |= (uint64_t{1} << (c & 63));
+}
+
 int64_t best_impl() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq")) return AVX512;
@@ -160,20 +188,16 @@ int64_t best_impl() {
 
 // x: float [B, C, H, W] (any memory format) -> int64 [B, H, W, ceil(C / 64)], bit c of a pixel's
 // words set when x[b, c, h, w] >= 0 (sign(0) = +1); bits past C stay 0.
-torch::Tensor pack_channels(torch::Tensor x) {
+torch::Tensor pack_channels(torch::Tensor x, int64_t impl) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "pack_channels: expects a float [B, C, H, W] tensor");
   auto nhwc = x.permute({0, 2, 3, 1}).contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), words = (C + 63) / 64;
   auto out = torch::zeros({B, H, W, words}, torch::kLong);
   const float* src = nhwc.data_ptr<float>();
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  auto pack = impl == AVX512 ? pack_pixel_avx512 : impl == AVX2 ? pack_pixel_avx2 : pack_pixel_scalar;
   at::parallel_for(0, B * H * W, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* s = src + p * C;
-      uint64_t* d = dst + p * words;
-      for (int64_t c = 0; c < C; ++c)
-        if (s[c] >= 0.f) d[c >> 6] |= (uint64_t{1} << (c & 63));
-    }
+    for (int64_t p = begin; p < end; ++p) pack(src + p * C, C, dst + p * words);
   });
   return out;
 }
