@@ -263,8 +263,10 @@ def mnist_epoch(root: str, width: int, batch: int, device: torch.device) -> dict
     the framework's fast path and by the research-code-style fp32 implementation from the same
     initial weights; returns each one's wall time and validation accuracy after the epoch."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        # cross-entropy and one lr for all weights, as the research-style baseline trains
         cfg = compose("train", overrides=["experiment=binarynet_mnist", f"data.root={root}", f"model.width={width}",
-                                          f"data.batch_size={batch}", "trainer.progress=false"])
+                                          f"data.batch_size={batch}", "trainer.progress=false", "loss=cross_entropy",
+                                          "optim.latent_lr_scale=none"])
     data = build_data(cfg.data, device=device, seed=0)
     shape = (data.in_channels, data.num_classes, data.image_size)
     out = {"width": width, "batch": batch, "device": str(device)}
