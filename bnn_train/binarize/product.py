@@ -158,16 +158,17 @@ class FusedBinaryConv2d(torch.autograd.Function):
         s, alpha = binarizer.split(w)
         with torch.autocast(x.device.type, enabled=False):
             out = _sign_conv(xb, s, stride, padding, dilation, precision)
-        product = out if getattr(binarizer, "needs_row_sums", False) else None
+        # Unlike the linear case, conv weights are small next to activations: the row sums a
+        # binarizer needs are cheaper to take from the weight gradient than to keep P for.
         if alpha is not None:
             out = out * alpha.view(1, -1, 1, 1)
-        ctx.save_for_backward(xb, mask, s, w, alpha, product)
+        ctx.save_for_backward(xb, mask, s, w, alpha)
         ctx.binarizer, ctx.conv, ctx.backward_precision = binarizer, conv, backward
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        xb, mask, s, w, alpha, product = ctx.saved_tensors
+        xb, mask, s, w, alpha = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
         dt = _dtype(ctx.backward_precision)
         fmt = memory_format(xb)
@@ -182,8 +183,5 @@ class FusedBinaryConv2d(torch.autograd.Function):
             grad_x = grad_x.float()
             if mask is not None:
                 grad_x.mul_(mask)
-        grad_w = None
-        if need_w:
-            row_sums = None if product is None else (g * product).sum((0, 2, 3))
-            grad_w = ctx.binarizer.latent_grad(w, grad_wb.float(), s, alpha, row_sums)
+        grad_w = ctx.binarizer.latent_grad(w, grad_wb.float(), s, alpha) if need_w else None
         return grad_x, grad_w, None, None, None, None, None
