@@ -33,7 +33,9 @@ def documented_keys(yaml_file: Path, group: str) -> list[tuple[str, str, str]]:
     """(key, default, comment) of every key with an inline comment: top-level keys, or the keys
     under `group:` in a global-package file."""
     out, inside = [], None
-    for line in yaml_file.read_text().splitlines():
+    text = yaml_file.read_text()
+    global_package = "@package _global_" in text
+    for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith(("#", "-")):
             continue
         indent = len(line) - len(line.lstrip())
@@ -42,7 +44,7 @@ def documented_keys(yaml_file: Path, group: str) -> list[tuple[str, str, str]]:
         match = KEY_LINE.match(line)
         if match is None:
             continue
-        top_level = len(match.group(1)) == 0 and "@package _global_" not in yaml_file.read_text()
+        top_level = len(match.group(1)) == 0 and not global_package
         nested = len(match.group(1)) == 2 and inside == group
         if top_level or nested:
             out.append((match.group(2), (match.group(3) or "").strip(), match.group(4).strip()))

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnn_train.binarize import binarize_, build_ste, sign
-from bnn_train.binarize.product import FusedBinaryConv2d, FusedBinaryLinear, chunk_channels, sign_int8
-from bnn_train.binarize.quantizers import ClippedSTE, IdentitySTE
+from bnn_train.binarize.product import FusedBinaryConv2d, FusedBinaryLinear, chunk_channels
+from bnn_train.binarize.quantizers import ClippedSTE, IdentitySTE, sign_int8
 from bnn_train.binarize.scaling import MagnitudeSignWeight, ScaledSignWeight, SignWeight
 from bnn_train.binarize.transform import binary_layers, set_binary_precision
 

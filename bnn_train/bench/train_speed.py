@@ -34,6 +34,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from bnn_train.binarize import clip_latent_
+from bnn_train.binarize.scaling import SignWeight
 from bnn_train.binarize.transform import set_binary_precision
 from bnn_train.data import build_data
 from bnn_train.train.cpu_memory import keep_freed_memory
@@ -95,14 +96,19 @@ class ResearchLinear(_ResearchBinary, nn.Linear):
         return F.linear(self._binary_input(x), self._binary_weight(), self.bias)
 
 
-def research_network(cfg, fp_net: nn.Module, binarized: list[str], binary_inputs: set[str], scaled: bool) -> nn.Module:
-    """`fp_net` with the layers named in `binarized` replaced by research-style binary layers."""
+def research_network(cfg, shape: tuple[int, int, int]) -> nn.Module:
+    """The architecture of `cfg` with seed-0 weights (those of the binarized variant), its
+    binarized layers turned into research-style ones: same layers, inputs and scaling as the
+    scheme binarizes, learned from a probe built by the framework."""
+    torch.manual_seed(0)
+    net = build_model(cfg.model, *shape, activation_for(cfg))
+    probe, binarized = build_network(cfg, *shape)
     for name in binarized:
-        layer = fp_net.get_submodule(name)
-        cls = ResearchConv2d if isinstance(layer, nn.Conv2d) else ResearchLinear
-        layer.__class__ = cls  # same parameters, research forward
-        layer.binarize_input, layer.scaled = name in binary_inputs, scaled
-    return fp_net
+        layer, ours = net.get_submodule(name), probe.get_submodule(name)
+        layer.__class__ = ResearchConv2d if isinstance(layer, nn.Conv2d) else ResearchLinear  # same parameters
+        layer.binarize_input = ours.input_quantizer is not None
+        layer.scaled = not isinstance(ours.weight_quantizer, SignWeight)
+    return net
 
 
 def research_step(model, optimizer, x, y, bound: float | None):
@@ -170,21 +176,14 @@ def build_variants(model: str, scheme: str, batch: int, device: torch.device, pr
         variants.append(Variant(name, module, opt, layout, ctx(), bound, research))
 
     torch.manual_seed(0)
-    net, binarized = build_network(cfg, *shape)
+    net = build_network(cfg, *shape)[0]
     set_binary_precision(net, "auto", "bf16", device)
     add("binary", net, cfg, torch.channels_last, autocast, compiled=compile_model)
     torch.manual_seed(0)
     add("fp32", build_network(fp_cfg, *shape)[0], fp_cfg, torch.contiguous_format, nullcontext)
     torch.manual_seed(0)
     add("fp_policy", build_network(fp_cfg, *shape)[0], fp_cfg, torch.channels_last, autocast, compiled=compile_model)
-    torch.manual_seed(0)
-    fp_net = build_model(cfg.model, *shape, activation_for(cfg))  # the binarized net's architecture, unbinarized
-    probe = build_network(cfg, *shape)[0]  # which layers the scheme binarizes, and with which inputs
-    binary_inputs = {n for n, m in probe.named_modules() if getattr(m, "input_quantizer", None) is not None}
-    scaled = type(getattr(probe.get_submodule(binarized[0]), "weight_quantizer", None)).__name__ != "SignWeight" \
-        if binarized else False
-    add("research", research_network(cfg, fp_net, binarized, binary_inputs, scaled), cfg,
-        torch.contiguous_format, nullcontext, research=True)
+    add("research", research_network(cfg, shape), cfg, torch.contiguous_format, nullcontext, research=True)
     return variants, data
 
 
@@ -271,17 +270,12 @@ def mnist_epoch(root: str, width: int, batch: int, device: torch.device) -> dict
     shape = (data.in_channels, data.num_classes, data.image_size)
     out = {"width": width, "batch": batch, "device": str(device)}
     for kind in ("research", "binary"):
-        torch.manual_seed(0)
-        net, binarized = build_network(cfg, *shape)
         if kind == "research":
-            torch.manual_seed(0)
-            fp_net = build_model(cfg.model, *shape, activation_for(cfg))
-            binary_inputs = {n for n, m in net.named_modules() if getattr(m, "input_quantizer", None) is not None}
-            net = research_network(cfg, fp_net, binarized, binary_inputs, scaled=False)
-            layout = torch.contiguous_format
+            net, layout = research_network(cfg, shape), torch.contiguous_format
         else:
+            torch.manual_seed(0)
+            net, layout = build_network(cfg, *shape)[0], torch.channels_last
             set_binary_precision(net, "auto", "bf16", device)
-            layout = torch.channels_last
         net.to(device)
         opt = build_optimizer(net, cfg.optim, [] if kind == "research" else binary_weights(net))
         v = Variant(kind, net, opt, layout, nullcontext(), cfg.method.clip_latent, research=kind == "research")

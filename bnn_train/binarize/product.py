@@ -29,15 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bnn_train.binarize.quantizers import sign_int8
+
 PRECISIONS = ("fp32", "bf16", "int8")
 BF16_EXACT_TERMS = 256  # integers above 256 are rounded in bf16 (8 significant bits)
-
-
-def sign_int8(x: Tensor) -> Tensor:
-    """sign(x) as int8 in {-1, +1}, sign(0) = +1 (torch.sign's 0 is moved to +1 in int8, which is
-    cheaper than building the sign from a comparison mask)."""
-    s = x.sign().to(torch.int8)
-    return s.add_(s == 0)
 
 
 def _dtype(backward: str) -> torch.dtype:

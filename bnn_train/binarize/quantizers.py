@@ -35,6 +35,13 @@ class _SignSTE(torch.autograd.Function):
         return grad_out * ctx.pseudo_grad(x), None
 
 
+def sign_int8(x: Tensor) -> Tensor:
+    """sign(x) as int8 in {-1, +1}, sign(0) = +1 (torch.sign's 0 is moved to +1 in int8, which is
+    cheaper than building the sign from a comparison mask)."""
+    s = x.sign().to(torch.int8)
+    return s.add_(s == 0)
+
+
 class _MaskedSignSTE(torch.autograd.Function):
     """sign(x) for estimators whose pseudo-gradient is an indicator: backward is grad_out * 1{|x| <= bound}
     (bound None: grad_out). Saves a bool mask (1 byte per element) or nothing, instead of fp32 x."""

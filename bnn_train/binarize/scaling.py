@@ -6,22 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnn_train.binarize.quantizers import SignSTE
+from bnn_train.binarize.quantizers import SignSTE, sign_int8
 
 
 def _through_ste(ste: SignSTE, w: Tensor, grad: Tensor) -> Tensor:
-    """grad * ste'(w), without a pass for the identity STE."""
-    bound = getattr(ste, "mask_bound", "none")
-    if bound is None:
-        return grad
-    if bound != "none":
-        return grad.mul_(w.abs() <= bound)
-    return grad.mul_(ste.pseudo_grad(w))
-
-
-def _sign_int8(w: Tensor) -> Tensor:
-    s = w.sign().to(torch.int8)  # see product.sign_int8
-    return s.add_(s == 0)
+    """grad * ste'(w) in place; indicator estimators (identity, clipped) skip the float pseudo-gradient."""
+    if not hasattr(ste, "mask_bound"):
+        return grad.mul_(ste.pseudo_grad(w))
+    return grad if ste.mask_bound is None else grad.mul_(w.abs() <= ste.mask_bound)
 
 
 def mean_abs_scale(w: Tensor, per_channel: bool = True) -> Tensor:
@@ -57,7 +49,7 @@ class SignWeight(nn.Module):
 
     # The fused products (`product.py`) take W_b = alpha * s apart, and hand dL/dW_b back for dL/dW.
     def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        return _sign_int8(w), None
+        return sign_int8(w), None
 
     def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
         return _through_ste(self.ste, w, grad_wb)
@@ -80,7 +72,7 @@ class ScaledSignWeight(nn.Module):
         return mean_abs_scale(w, self.per_channel) * self.ste(w)
 
     def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        return _sign_int8(w), _l1_mean(w, self.per_channel)
+        return sign_int8(w), _l1_mean(w, self.per_channel)
 
     needs_row_sums = True  # latent_grad takes sum_j G_oj sign(W_oj); the fused products compute it cheaply
 
@@ -120,7 +112,7 @@ class MagnitudeSignWeight(nn.Module):
         return mean_abs_scale(w, self.per_channel).detach() * self.ste(w)
 
     def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        return _sign_int8(w), _l1_mean(w, self.per_channel)
+        return sign_int8(w), _l1_mean(w, self.per_channel)
 
     def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
         shape = (alpha.numel(), *([1] * (w.dim() - 1)))

@@ -88,47 +88,39 @@ class PackedBinaryConv2d(nn.Module):
         self.register_buffer("signs", torch.where(signs, 1, -1).to(torch.int8))  # for the torch fallback
         self.impl = None
 
+    out_shape = (1, -1, 1, 1)  # how per-channel alpha, affine and bias broadcast over the output
+
     def forward(self, x: Tensor) -> Tensor:
-        pre = _sign_source(self.input_quantizer, x)
-        module = kernels.load()
-        if module is None:
-            out = F.conv2d(torch.where(pre >= 0, 1.0, -1.0), self.signs.float(), stride=self.stride,
-                           padding=self.padding, dilation=self.dilation)
-        else:
-            impl = kernels.IMPLS[self.impl or kernels.best_impl()]
-            out = module.binary_conv(module.pack_channels(pre.float(), impl), self.bits, self.in_channels,
-                                     *self.kernel_size, *self.stride, *self.padding, *self.dilation, impl)
-            # NHWC int32 -> float in the input's memory format, so that later layers sum in the same order
-            out = out.permute(0, 3, 1, 2).float().contiguous(memory_format=memory_format(x))
+        """alpha * (sign(x) . sign(W)) [* K(x)] [affine] + b, as `_BinaryMixin.scaled` in training."""
+        out = self._sign_product(_sign_source(self.input_quantizer, x))
         if self.alpha is not None:
-            out = out * self.alpha.view(1, -1, 1, 1)
+            out = out * self.alpha.view(self.out_shape)
         if self.act_scale is not None:
             out = out * self.act_scale(x)
         if self.affine is not None:
-            out = self.affine(out, (1, -1, 1, 1))
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+            out = self.affine(out, self.out_shape)
+        return out if self.bias is None else out + self.bias.view(self.out_shape)
+
+    def _sign_product(self, pre: Tensor) -> Tensor:
+        """conv(sign(pre), sign(W)) as float: the kernels, or torch when they could not be built."""
+        module = kernels.load()
+        if module is None:
+            return F.conv2d(torch.where(pre >= 0, 1.0, -1.0), self.signs.float(), stride=self.stride,
+                            padding=self.padding, dilation=self.dilation)
+        impl = kernels.IMPLS[self.impl or kernels.best_impl()]
+        out = module.binary_conv(module.pack_channels(pre.float(), impl), self.bits, self.in_channels,
+                                 *self.kernel_size, *self.stride, *self.padding, *self.dilation, impl)
+        # NHWC int32 -> float in the input's memory format, so that later layers sum in the same order
+        return out.permute(0, 3, 1, 2).float().contiguous(memory_format=memory_format(pre))
 
 
 class PackedBinaryLinear(PackedBinaryConv2d):
     """A BinaryLinear as the 1x1 conv of a 1x1 image."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        pre = _sign_source(self.input_quantizer, x)
-        module = kernels.load()
-        if module is None:
-            out = torch.where(pre >= 0, 1.0, -1.0) @ self.signs.flatten(1).float().t()
-        else:
-            impl = kernels.IMPLS[self.impl or kernels.best_impl()]
-            bits = module.pack_channels(pre.float()[:, :, None, None], impl)
-            out = module.binary_conv(bits, self.bits, self.in_channels, 1, 1, 1, 1, 0, 0, 1, 1, impl)
-            out = out.view(x.shape[0], -1).float()
-        if self.alpha is not None:
-            out = out * self.alpha
-        if self.act_scale is not None:
-            out = out * self.act_scale(x)
-        if self.affine is not None:
-            out = self.affine(out, (-1,))
-        return out if self.bias is None else out + self.bias
+    out_shape = (-1,)
+
+    def _sign_product(self, pre: Tensor) -> Tensor:
+        return super()._sign_product(pre[:, :, None, None]).flatten(1)
 
 
 class FixedBinaryWeight(nn.Module):

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -265,10 +266,7 @@ def _layout(x, layout):
 
 
 def _count(values) -> str:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return ", ".join(f"{n} layers {p}" for p, n in sorted(counts.items()))
+    return ", ".join(f"{n} layers {p}" for p, n in sorted(Counter(values).items()))
 
 
 def _nonfinite(value: float, progress: dict, allowed: int) -> None:
