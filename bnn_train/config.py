@@ -163,18 +163,19 @@ class MLPConfig:
 
 
 @dataclass
-class ResNet18Config:
-    name: str = "resnet18"
-    stem: str = choice("auto", "auto", "imagenet", "cifar")
-    width_mult: float = spec(1.0, gt(0))
-    act: str = choice("auto", *ACTS)
-
-
-@dataclass
 class ResNet20Config:
     name: str = "resnet20"
     width_mult: float = spec(1.0, gt(0))
     act: str = choice("auto", *ACTS)
+    shortcut: str = choice("block", "block", "per_conv")
+    downsample: str = choice("conv", "conv", "option_a")
+    head_bn: bool = False
+
+
+@dataclass
+class ResNet18Config(ResNet20Config):
+    name: str = "resnet18"
+    stem: str = choice("auto", "auto", "imagenet", "cifar")
 
 
 @dataclass
@@ -250,6 +251,18 @@ class BiRealMethodConfig(BinaryMethodConfig):
 class SwishSignConfig:
     name: str = "swish_sign"
     beta: float = spec(5.0, gt(0))
+
+
+@dataclass
+class EDEConfig:
+    name: str = "ede"
+    t_min: float = spec(0.001, gt(0))
+    t_max: float = spec(10.0, gt(0))
+
+    def cross_check(self) -> Optional[tuple[str, str]]:
+        if self.t_min > self.t_max:
+            return "t_min", f"must be <= ste.t_max ({self.t_max})"
+        return None
 
 
 @dataclass
@@ -379,9 +392,10 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "xnor": XnorConfig,
         "bireal": BiRealMethodConfig,
         "reactnet": BiRealMethodConfig,
+        "irnet": MethodConfig,
     },
     "ste": {"identity": NameOnlyConfig, "clipped": NameOnlyConfig, "approx_sign": NameOnlyConfig,
-            "swish_sign": SwishSignConfig},
+            "swish_sign": SwishSignConfig, "ede": EDEConfig},
     "pretrain": {"none": PretrainConfig, "relu": PretrainConfig, "clip": PretrainConfig,
                  "binary_act": PretrainConfig},
     "teacher": {"none": NameOnlyConfig, "checkpoint": TeacherConfig},

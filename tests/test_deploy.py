@@ -51,7 +51,7 @@ def test_pack_channels_matches_pack_words(impl):
 
 
 @pytest.mark.parametrize("method,model", [("xnor", "resnet20"), ("bnn", "mlp"), ("reactnet", "bireal18"),
-                                          ("bireal", "resnet20")])
+                                          ("bireal", "resnet20"), ("irnet", "resnet20")])
 def test_exported_model_predicts_exactly_like_the_training_time_model(tmp_path, method, model):
     overrides = ["data=synthetic", "data.image_size=8", f"model={model}", f"method={method}", "trainer.epochs=1",
                  "trainer.limit_train_batches=3", "trainer.progress=false"]

@@ -14,7 +14,7 @@ CONFIG = {"mlp": {"depth": 2, "width": 32}, "resnet18": {"stem": "auto"}, "resne
           "alexnet": {"variant": "auto", "block_order": "standard", "fc_width": 64},
           "bireal18": {"stem": "auto", "shortcut": True}, "bireal34": {"stem": "auto", "shortcut": True}}
 POLICY = {"fp": (True, True), "binaryconnect": (False, False), "bwn": (True, True), "bnn": (False, False),
-          "xnor": (True, True), "bireal": (True, True), "reactnet": (True, True)}
+          "xnor": (True, True), "bireal": (True, True), "reactnet": (True, True), "irnet": (True, True)}
 
 
 def sensible(model, method):

@@ -6,6 +6,9 @@ pseudo-gradient that backward uses in place of sign's derivative (zero almost ev
 
 from __future__ import annotations
 
+import abc
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -144,6 +147,47 @@ class SwishSignSTE(SignSTE):
         return f"beta={self.beta}"
 
 
+class EpochScheduled(abc.ABC):
+    """A quantizer whose behaviour follows the training progress: the trainer calls
+    set_epoch(epoch, epochs) before every epoch (0-based), so a resumed run continues the schedule."""
+
+    @abc.abstractmethod
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        ...
+
+
+class EDESTE(SignSTE, EpochScheduled):
+    """IR-Net's Error Decay Estimator: d sign/dx := k t (1 - tanh^2(t x)), the derivative of
+    k tanh(t x), with
+        t = 10^(log10 t_min + (log10 t_max - log10 t_min) e / E),   k = max(1 / t, 1)
+    at epoch e of E: close to the identity STE early (small t, k t = 1 near 0), close to sign's own
+    derivative late (t = t_max, a narrow peak of height t).
+
+    Qin et al. 2020, "Forward and Backward Information Retention for Accurate Binary Neural
+    Networks" (IR-Net), sec. 3.2, eq. 11-12; t_min = 1e-3, t_max = 10 as in the authors' CIFAR code.
+    """
+
+    name = "ede"
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 10.0):
+        super().__init__()
+        if not 0 < t_min <= t_max:
+            raise ConfigError(f"ste.t_min={t_min}, ste.t_max={t_max}: need 0 < t_min <= t_max")
+        self.t_min, self.t_max = t_min, t_max
+        self.set_epoch(0, 1)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        lo, hi = math.log10(self.t_min), math.log10(self.t_max)
+        self.t = 10 ** (lo + (hi - lo) * epoch / max(epochs, 1))
+        self.k = max(1 / self.t, 1.0)
+
+    def pseudo_grad(self, x: Tensor) -> Tensor:
+        return (self.k * self.t) * (1 - torch.tanh(self.t * x).square())
+
+    def extra_repr(self) -> str:
+        return f"t_min={self.t_min}, t_max={self.t_max}, t={self.t:.4g}, k={self.k:.4g}"
+
+
 class StochasticSign(nn.Module):
     """BinaryNet's stochastic activations: +1 with probability hard_sigmoid(x) = clip((x + 1) / 2, 0, 1),
     else -1, while training; deterministic sign(x) in eval mode.
@@ -203,7 +247,7 @@ class ThresholdSign(nn.Module):
 
 
 STES: dict[str, type[SignSTE]] = {
-    cls.name: cls for cls in (IdentitySTE, ClippedSTE, ApproxSignSTE, SwishSignSTE)
+    cls.name: cls for cls in (IdentitySTE, ClippedSTE, ApproxSignSTE, SwishSignSTE, EDESTE)
 }
 
 

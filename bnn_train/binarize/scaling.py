@@ -119,6 +119,57 @@ class MagnitudeSignWeight(nn.Module):
         return _through_ste(self.ste, w, grad_wb.mul_(alpha.view(shape)))
 
 
+def standardize(w: Tensor) -> Tensor:
+    """(W_o - mean(W_o)) / std(W_o) for each output channel o (std with n - 1, as torch.std)."""
+    flat = w.flatten(1)
+    centered = flat - flat.mean(1, keepdim=True)
+    return (centered / centered.std(1, keepdim=True)).view_as(w)
+
+
+def power_of_two_scale(w_hat: Tensor) -> Tensor:
+    """2^round(log2(mean|W_hat_o|)) per output channel, shape [O]."""
+    return torch.exp2(torch.round(torch.log2(_l1_mean(w_hat, True))))
+
+
+class LibraSignWeight(nn.Module):
+    """IR-Net's Libra-PB weights: per output channel o,
+        W_hat = (W - mean(W_o)) / std(W_o),   W_b = 2^round(log2 mean|W_hat_o|) * sign(W_hat),
+    the scale detached (a power of two: a bit shift at inference). The standardized weights are
+    balanced (half of them +1, maximal information entropy) and of unit spread, so latent weights
+    need no clip: sign(W_hat) does not change when W is scaled. Gradient: the STE at W_hat, then
+    the standardization's chain rule over each channel of n weights (sigma its std, h = alpha * G *
+    ste'(W_hat), G = dL/dW_b):
+        dL/dW_i = (h_i - mean(h) - W_hat_i * sum_j h_j W_hat_j / (n - 1)) / sigma.
+
+    Qin et al. 2020, "Forward and Backward Information Retention for Accurate Binary Neural
+    Networks" (IR-Net), sec. 3.1, eq. 6-9 and the authors' code.
+    """
+
+    def __init__(self, ste: SignSTE):
+        super().__init__()
+        self.ste = ste
+
+    def forward(self, w: Tensor) -> Tensor:
+        w_hat = standardize(w)
+        alpha = power_of_two_scale(w_hat.detach()).view(-1, *([1] * (w.dim() - 1)))
+        return alpha * self.ste(w_hat)
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        w_hat = standardize(w.detach())
+        return sign_int8(w_hat), power_of_two_scale(w_hat)
+
+    def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
+        flat = w.detach().flatten(1)
+        centered = flat - flat.mean(1, keepdim=True)
+        sigma = centered.std(1, keepdim=True)
+        w_hat = centered / sigma
+        h = _through_ste(self.ste, w_hat.view_as(w), grad_wb.mul_(alpha.view(-1, *([1] * (w.dim() - 1)))))
+        h = h.flatten(1)
+        n = flat.shape[1]
+        proj = (h * w_hat).sum(1, keepdim=True) / (n - 1)
+        return ((h - h.mean(1, keepdim=True) - w_hat * proj) / sigma).view_as(w)
+
+
 class LearnableScaleSignWeight(nn.Module):
     """W_b = alpha * sign(W) with alpha a trained parameter per output channel (or one per layer),
     initialized to mean|W| and learned by gradient: dL/dalpha_o = sum_i G_oi sign(W_oi),
@@ -161,7 +212,8 @@ class StochasticSignWeight(nn.Module):
 
 WEIGHT_BINARIZERS: dict[str, type[nn.Module]] = {
     "sign": SignWeight, "scaled_sign": ScaledSignWeight, "magnitude_sign": MagnitudeSignWeight,
-    "stochastic_sign": StochasticSignWeight, "learnable_scale": LearnableScaleSignWeight}
+    "stochastic_sign": StochasticSignWeight, "learnable_scale": LearnableScaleSignWeight,
+    "libra_sign": LibraSignWeight}
 
 
 class ConvActivationScale(nn.Module):

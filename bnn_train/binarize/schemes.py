@@ -56,6 +56,10 @@ SCHEMES: dict[str, Scheme] = {
                "Bi-Real weights; activations RSign sign(x - beta_c) and RPReLU after each block",
                "Liu et al. 2020, ReActNet", learnable_threshold=True, act="rprelu",
                needs_per_conv_shortcut=True),
+        Scheme("irnet", "libra_sign", "ede", True,
+               "Libra-PB weights 2^round(log2 mean|W_hat|) * sign(W_hat), W_hat standardized per output "
+               "channel; activations sign(x); EDE estimator for both, scheduled per epoch",
+               "Qin et al. 2020, IR-Net", act="hardtanh"),
     )
 }
 

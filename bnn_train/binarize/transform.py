@@ -10,7 +10,7 @@ from torch import nn
 
 from bnn_train.binarize.product import BF16_EXACT_TERMS
 from bnn_train.binarize.layers import BINARY_LAYERS, AffineOutput, BinaryConv2d, BinaryLinear
-from bnn_train.binarize.quantizers import StochasticSign, ThresholdSign, ZeroOneSign, build_ste
+from bnn_train.binarize.quantizers import EpochScheduled, StochasticSign, ThresholdSign, ZeroOneSign, build_ste
 from bnn_train.binarize.scaling import WEIGHT_BINARIZERS, LearnableScaleSignWeight, activation_scale_for
 from bnn_train.binarize.schemes import get_scheme
 from bnn_train.errors import ConfigError
@@ -79,7 +79,11 @@ def binarize_(
             continue
         if keep_downsample_real and "downsample" in name.split("."):
             continue
-        weight_q = _weight_binarizer(weight_kind, spec.weight_ste, layer.weight, scale_granularity)
+        # The weight estimator takes the `ste` group's options when it is the same estimator (IR-Net's
+        # EDE schedules weights and activations alike).
+        weight_ste_options = (ste_options or {}) if spec.weight_ste == ste else {}
+        weight_q = _weight_binarizer(weight_kind, spec.weight_ste, layer.weight, scale_granularity,
+                                     weight_ste_options)
         binary_input = spec.binary_activations and name != first
         input_q = build_ste(ste, **(ste_options or {})) if binary_input else None
         if binary_input and act_stochastic:
@@ -125,12 +129,13 @@ def _weight_kind(scheme: str, own: str | None, weight_scale: str, stochastic: bo
             "learnable": "learnable_scale"}[weight_scale]
 
 
-def _weight_binarizer(kind: str | None, weight_ste: str, weight: nn.Parameter, granularity: str) -> nn.Module | None:
+def _weight_binarizer(kind: str | None, weight_ste: str, weight: nn.Parameter, granularity: str,
+                      ste_options: dict) -> nn.Module | None:
     if kind is None:
         return None
     if granularity not in ("channel", "layer"):
         raise ConfigError(f"method.weight_scale_granularity={granularity}: choose one of: channel, layer")
-    ste, per_channel = build_ste(weight_ste), granularity == "channel"
+    ste, per_channel = build_ste(weight_ste, **ste_options), granularity == "channel"
     if kind == "learnable_scale":
         return LearnableScaleSignWeight(ste, weight, per_channel)
     if kind in ("scaled_sign", "magnitude_sign"):
@@ -181,6 +186,13 @@ def _auto_precision(layer: nn.Module, device: torch.device) -> str:
     if device.type == "cuda" and (layer.in_features % 8 or layer.out_features % 8):
         return "fp32"
     return "int8"
+
+
+def set_epoch_(model: nn.Module, epoch: int, epochs: int) -> None:
+    """Tell every epoch-scheduled quantizer (e.g. IR-Net's EDE) that epoch `epoch` of `epochs` begins."""
+    for m in model.modules():
+        if isinstance(m, EpochScheduled):
+            m.set_epoch(epoch, epochs)
 
 
 @torch.no_grad()

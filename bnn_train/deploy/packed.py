@@ -151,6 +151,15 @@ def binary_alpha(name: str, layer: nn.Module) -> Tensor | None:
     return None if alpha is None else alpha.float().clone()
 
 
+def binary_signs(layer: nn.Module) -> Tensor:
+    """sign(W_b) > 0 of a binarized layer as bools: from the binarizer's own map where it has one
+    (IR-Net's Libra-PB signs the standardized weights), else W >= 0."""
+    quantizer = layer.weight_quantizer
+    if hasattr(quantizer, "split"):
+        return quantizer.split(layer.weight.detach())[0] > 0
+    return layer.weight.detach() >= 0
+
+
 def to_packed_(model: nn.Module) -> list[str]:
     """Swap every binarized layer whose inputs are signed for its packed form (in place); layers with
     real inputs (a BNN's first layer, BWN) keep the float product of their binary weights."""
@@ -158,8 +167,7 @@ def to_packed_(model: nn.Module) -> list[str]:
     for name, layer in list(binary_layers(model)):
         if not layer.binary_product:
             continue
-        signs = layer.weight.detach() >= 0 if not isinstance(layer.weight_quantizer, FixedBinaryWeight) \
-            else layer.weight_quantizer.s > 0
+        signs = binary_signs(layer)
         if isinstance(layer, BinaryLinear):
             signs = signs[:, :, None, None]
         cls = PackedBinaryConv2d if isinstance(layer, BinaryConv2d) else PackedBinaryLinear
@@ -176,7 +184,7 @@ def export(model: nn.Module, config: dict, input_shape: tuple[int, int, int], pa
     binary = {}
     for name, layer in binary_layers(model):
         w = layer.weight.detach()
-        binary[name] = {"bits": torch.from_numpy(pack_rows((w >= 0).flatten(1))), "shape": list(w.shape),
+        binary[name] = {"bits": torch.from_numpy(pack_rows(binary_signs(layer).flatten(1))), "shape": list(w.shape),
                         "alpha": binary_alpha(name, layer)}
     real = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
             if not (k.endswith(".weight") and k[: -len(".weight")] in binary)}

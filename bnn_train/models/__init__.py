@@ -53,5 +53,8 @@ def build_model(cfg_model, in_channels: int, num_classes: int, image_size: int, 
 
 
 def has_per_conv_shortcut(cfg_model) -> bool:
-    """Whether `cfg_model` builds a network with a real shortcut around every conv (Bi-Real Net)."""
-    return cfg_model.get("name") in PER_CONV_SHORTCUT and bool(cfg_model.get("shortcut", True))
+    """Whether `cfg_model` builds a network with a real shortcut around every conv (Bi-Real Net,
+    or a ResNet with model.shortcut=per_conv)."""
+    if cfg_model.get("shortcut") == "per_conv":
+        return True
+    return cfg_model.get("name") in PER_CONV_SHORTCUT and cfg_model.get("shortcut", True) is True

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bnn_train.analysis import FlipTracker, summarize
-from bnn_train.binarize import clip_latent_
+from bnn_train.binarize import clip_latent_, set_epoch_
 from bnn_train.binarize.transform import set_binary_precision
 from bnn_train.config import flatten
 from bnn_train.data import build_data
@@ -149,6 +149,7 @@ def fit(cfg, run_dir: Path, choices: dict | None = None, stage: dict | None = No
             part = progress["partial"] or {"batch": 0, "loss": 0.0, "correct": 0, "seen": 0, "time_s": 0.0,
                                            "win_loss": 0.0, "win_correct": 0, "win_seen": 0}
             data.train.set_epoch(epoch, start_batch=part["batch"])
+            set_epoch_(net, epoch, tc.epochs)  # schedules that follow the epoch (IR-Net's EDE)
             model.train()
             t0 = time.perf_counter() - part["time_s"]
             bar = tqdm(total=steps_per_epoch, initial=part["batch"], desc=f"epoch {epoch + 1}/{tc.epochs}",
