@@ -11,13 +11,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bnn_train.cli import check_overrides, report_user_errors, run_cli
+from bnn_train.cli import preflight, report_user_errors, run_cli
 from bnn_train.config import validate
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True)  # used in configs/train.yaml run dirs
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -49,4 +48,4 @@ def torchrun_overrides(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv += torchrun_overrides(sys.argv[1:])
-    run_cli(lambda: (check_overrides(sys.argv[1:], CONFIG_DIR), main()))
+    run_cli(lambda: (preflight(sys.argv[1:], CONFIG_DIR), main()))

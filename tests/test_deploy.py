@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from bnn_train.binarize import sign
 from bnn_train.deploy import kernels
+from bnn_train.deploy.fused import PackedChain
 from bnn_train.deploy.packed import export, kernel_weight, load_packed, pack_words
 from bnn_train.train.loop import fit
 from bnn_train.train.setup import build_network
@@ -50,13 +51,20 @@ def test_pack_channels_matches_pack_words(impl):
     assert torch.equal(ops.pack_channels(x, kernels.IMPLS[impl]), pack_words(x.permute(0, 2, 3, 1) >= 0))
 
 
-@pytest.mark.parametrize("method,model", [("xnor", "resnet20"), ("bnn", "mlp"), ("reactnet", "bireal18"),
-                                          ("bireal", "resnet20"), ("irnet", "resnet20")])
-def test_exported_model_predicts_exactly_like_the_training_time_model(tmp_path, method, model):
+# folds: whether BatchNorm -> sign folds into integer thresholds somewhere (a binary layer followed,
+# with no real shortcut in between, by a binary layer without XNOR-Net's K: the MLP's hidden layers,
+# conv1 -> conv2 inside a ResNet basic block, AlexNet's fc layers); elsewhere BN, the shortcut
+# addition and the activation run in the kernel's float epilogue.
+@pytest.mark.parametrize("method,model,folds", [
+    ("xnor", "resnet20", False), ("bnn", "mlp", True), ("reactnet", "bireal18", False), ("bireal", "resnet20", True),
+    ("irnet", "resnet20", True), ("bnn", "resnet20", True), ("bnn", "alexnet", True)])
+def test_exported_model_predicts_exactly_like_the_training_time_model(tmp_path, method, model, folds):
     overrides = ["data=synthetic", "data.image_size=8", f"model={model}", f"method={method}", "trainer.epochs=1",
                  "trainer.limit_train_batches=3", "trainer.progress=false"]
     if model == "mlp":
         overrides.append("model.width=96")
+    if model == "alexnet":
+        overrides.append("model.width_mult=0.25")
     cfg = compose_cfg(*overrides)
     fit(cfg, tmp_path / "run", {})
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
@@ -65,11 +73,17 @@ def test_exported_model_predicts_exactly_like_the_training_time_model(tmp_path, 
     net.eval()
     from omegaconf import OmegaConf
     sizes = export(net, OmegaConf.to_container(cfg, resolve=True), (3, 8, 10), tmp_path / "m.bnn")
-    packed = load_packed(tmp_path / "m.bnn")
+    packed, layerwise = load_packed(tmp_path / "m.bnn"), load_packed(tmp_path / "m.bnn", fuse=False)
     from bnn_train.binarize.transform import set_binary_precision
     set_binary_precision(net, "auto", "bf16", torch.device("cpu"))  # the trainer's default forward
     x = torch.randn(64, 3, 8, 8)
     with torch.no_grad():
-        ref, out = net(x), packed(x)
-    assert torch.equal(out, ref)
+        for inputs in (x, x.contiguous(memory_format=torch.channels_last)):
+            ref = net(inputs)
+            assert torch.equal(packed(inputs), ref)
+            assert torch.equal(layerwise(inputs), ref)
     assert sizes["packed_bytes"] < sizes["fp32_model_bytes"]
+    if ops is not None:
+        chains = [m for m in packed.plan("nchw").modules() if isinstance(m, PackedChain)]
+        assert chains and all(c.bits or c.real for c in chains)
+        assert any(c.fold is not None for c in chains) == folds

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIG_DIR, compose_cfg
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
 from bnn_train.errors import CheckpointError, ConfigError, UserError
@@ -98,11 +98,7 @@ def test_teacher_logits_get_no_gradient_and_unknown_loss_is_rejected():
     one_line(e, "teacher.loss=mse", "kd, distribution")
 
 
-def test_config_file_has_the_documented_keys():
-    cfg = OmegaConf.load(CONFIG_DIR / "teacher" / "checkpoint.yaml")
-    assert OmegaConf.is_missing(cfg, "path")
-    assert {k: cfg[k] for k in ("name", "model", "loss", "temperature", "alpha")} == {
-        "name": "checkpoint", "model": None, "loss": "kd", "temperature": 4.0, "alpha": 0.9}
+def test_teacher_none_builds_no_teacher():
     assert build_teacher(OmegaConf.create({"name": "none"}), 3, 10, 8) is None
 
 

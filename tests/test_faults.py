@@ -13,9 +13,9 @@ import torch
 from conftest import CONFIG_DIR, REPO, compose_cfg
 from omegaconf import OmegaConf
 
-from bnn_train.cli import check_overrides, report_user_errors, run_cli
+from bnn_train.cli import preflight, report_user_errors, run_cli
 from bnn_train.errors import CheckpointError, ConfigError, TrainingError, UserError
-from bnn_train.train import checkpoint, loop, records
+from bnn_train.train import checkpoint, records
 from bnn_train.train.checkpoint import (
     describe_mismatch,
     load_checkpoint,
@@ -85,8 +85,8 @@ def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, ckpt, kind,
     # a sweep may name the checkpoint an earlier job writes).
     if kind != "missing":
         with pytest.raises(CheckpointError, match=expected):
-            check_overrides([*TINY, f"ckpt_path={path}"], CONFIG_DIR)
-        check_overrides([*TINY, f"ckpt_path={path}", "trainer.resume=auto"], CONFIG_DIR)  # may resume instead
+            preflight([*TINY, f"ckpt_path={path}"], CONFIG_DIR)
+        preflight([*TINY, f"ckpt_path={path}", "trainer.resume=auto"], CONFIG_DIR)  # may resume instead
 
 
 def test_truncated_zip_that_passes_the_quick_check_still_fails_in_one_line(tmp_path, ckpt, monkeypatch):
@@ -254,18 +254,18 @@ def test_disk_full_mid_run_stops_with_one_line_and_keeps_last_good_checkpoint(tm
 
 def test_unwritable_run_dir_is_rejected_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("a file where a folder should be")
-    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir=/proc/nope: cannot create the output folder, /proc "
-                                          r"does not accept new folders \(.*\); set hydra\.run\.dir=PATH"):
-        check_overrides([*TINY, "hydra.run.dir=/proc/nope"], CONFIG_DIR)
-    with pytest.raises(ConfigError, match=rf"{tmp_path / 'afile'} is a file, not a folder"):
-        check_overrides([*TINY, f"hydra.run.dir={tmp_path / 'afile' / 'run'}"], CONFIG_DIR)
+    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir=/proc/nope: cannot create the output folder under /proc "
+                                          r"\(.*\); set hydra\.run\.dir=PATH"):
+        preflight([*TINY, "hydra.run.dir=/proc/nope"], CONFIG_DIR)
+    with pytest.raises(ConfigError, match=rf"under {tmp_path / 'afile'} \(a file, not a folder\)"):
+        preflight([*TINY, f"hydra.run.dir={tmp_path / 'afile' / 'run'}"], CONFIG_DIR)
     with pytest.raises(ConfigError, match=r"^hydra\.sweep\.dir=/proc/sweep: cannot create"):
-        check_overrides(["-m", "seed=0,1", "hydra.sweep.dir=/proc/sweep"], CONFIG_DIR)
+        preflight(["-m", "seed=0,1", "hydra.sweep.dir=/proc/sweep"], CONFIG_DIR)
     monkeypatch.chdir("/proc")  # the default outputs/... under an unwritable working directory
-    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir=outputs/\$\{now.*\(the default, under /proc\)"):
-        check_overrides(list(TINY), CONFIG_DIR)
+    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir=outputs/.*: cannot create the output folder under /proc"):
+        preflight(list(TINY), CONFIG_DIR)
     monkeypatch.chdir(tmp_path)
-    check_overrides([*TINY, f"hydra.run.dir={tmp_path}/new/deeper/${{now:%H}}"], CONFIG_DIR)
+    preflight([*TINY, f"hydra.run.dir={tmp_path}/new/deeper/${{now:%H}}"], CONFIG_DIR)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the write probe leaves nothing
 
 
@@ -279,8 +279,8 @@ def test_os_errors_outside_the_task_are_one_line(capsys, monkeypatch):
         run_cli(hydra_cannot_mkdir)
     assert info.value.code == UserError.exit_code
     assert capsys.readouterr().err == ("error: cannot use /runs/x/.hydra (File exists): check that path, its "
-                                       "permissions and free space, or set hydra.run.dir=PATH to a writable "
-                                       "folder (HYDRA_FULL_ERROR=1 shows where it failed)\n")
+                                       "permissions and free space, or set hydra.run.dir to a writable folder "
+                                       "with a shorter name\n")
 
     def a_bug():
         raise OSError("no file involved")  # not about a path: a traceback, not a guess
@@ -309,12 +309,12 @@ def test_os_error_inside_the_task_is_one_line(capsys, monkeypatch):
 
 
 CLI_CASES = {  # name: (arguments, what the error line says); {tmp} is a fresh folder with a file "afile"
-    "negative_lr": (["optim.lr=-1"], "optim.lr=-1: must be > 0"),
+    "negative_lr": (["optim.lr=-1"], "optim.lr=-1.0: must be > 0"),
     "unknown_model": (["model=nonexistent"], "model=nonexistent: unknown option; choose one of:"),
     "missing_mnist": (["data=mnist", "data.root=/nonexistent", "data.download=false"], "MNIST not found"),
     "text_checkpoint": (["ckpt_path=README.md", *TINY], "checkpoint README.md: is a text file"),
     "proc_run_dir": (["hydra.run.dir=/proc/nope", *TINY], "hydra.run.dir=/proc/nope: cannot create the output folder"),
-    "run_dir_under_a_file": (["hydra.run.dir={tmp}/afile/run", *TINY], "{tmp}/afile is a file, not a folder"),
+    "run_dir_under_a_file": (["hydra.run.dir={tmp}/afile/run", *TINY], "{tmp}/afile (a file, not a folder)"),
 }
 
 

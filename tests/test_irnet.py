@@ -7,9 +7,8 @@ from omegaconf import OmegaConf
 
 from bnn_train.binarize import binarize_, set_epoch_
 from bnn_train.binarize.product import FusedBinaryConv2d
-from bnn_train.binarize.quantizers import EDESTE
-from bnn_train.binarize.scaling import LibraSignWeight
-from bnn_train.errors import ConfigError
+from bnn_train.binarize.irnet import EDESTE, LibraSignWeight
+from bnn_train.errors import FieldError
 from bnn_train.models import build_model, has_per_conv_shortcut
 from bnn_train.models.resnet import PerConvBlock, ZeroPadShortcut
 from bnn_train.train.loop import fit
@@ -37,7 +36,7 @@ def test_ede_schedule_is_log_linear_from_t_min_to_t_max(epoch, epochs, t):
 
 
 def test_ede_rejects_a_range_that_is_not_one():
-    with pytest.raises(ConfigError, match="t_min"):
+    with pytest.raises(FieldError, match="t_min"):
         EDESTE(t_min=1.0, t_max=0.1)
 
 
@@ -156,7 +155,7 @@ def test_trainer_schedules_ede_per_epoch_and_resume_continues_it(tmp_path, monke
 
 def test_set_epoch_reaches_every_scheduled_quantizer():
     net = build_model(OmegaConf.create({"name": "resnet20"}), 3, 10, 8, "hardtanh")
-    binarize_(net, "irnet", "ede", ste_options={"t_min": 0.001, "t_max": 10.0})
+    binarize_(net, "irnet", {"name": "ede", "t_min": 0.001, "t_max": 10.0})
     set_epoch_(net, 7, 10)
     edes = [m for m in net.modules() if isinstance(m, EDESTE)]
     layers = [m for m in net.modules() if getattr(m, "weight_quantizer", None) is not None]

@@ -1,11 +1,14 @@
 """Exact low-precision products of +-1 operands: bit-identical forwards, gradients, memory saved."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_train.binarize import binarize_, build_ste, sign
+from bnn_train.binarize import STES, SplitWeightBinarizer, binarize_, build_ste, sign
+from bnn_train.binarize.layers import BINARY_LAYERS
 from bnn_train.binarize.product import FusedBinaryConv2d, FusedBinaryLinear, chunk_channels
 from bnn_train.binarize.quantizers import ClippedSTE, IdentitySTE, sign_int8
 from bnn_train.binarize.scaling import MagnitudeSignWeight, ScaledSignWeight, SignWeight
@@ -209,3 +212,44 @@ def test_product_saves_one_byte_signs_instead_of_fp32_inputs():
 
     assert per_sample(ref_net[1]) == 5 * 1024
     assert per_sample(net[1]) == 2 * 1024
+
+
+# ---- every weight binarizer x every estimator, from the registries: fused == float ---------------
+
+def _split_binarizers(cls=SplitWeightBinarizer):
+    for sub in cls.__subclasses__():
+        if not inspect.isabstract(sub) and sub.__module__.startswith("bnn_train.binarize"):
+            yield sub
+        yield from _split_binarizers(sub)
+
+
+PAIRS = [(b, s) for b in sorted(set(_split_binarizers()), key=lambda c: c.__name__) for s in sorted(STES)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("binarizer,ste", PAIRS, ids=[f"{b.__name__}-{s}" for b, s in PAIRS])
+def test_fused_product_gradients_equal_the_float_chain(binarizer, ste, kind):
+    """The fused exact product (int8 forward, fp32 backward) against the plain float layer, for every
+    registered estimator on the inputs and every split weight binarizer with its own estimator."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        float_layer = nn.Linear(48, 6, bias=False)
+        x = torch.randn(5, 48) * 1.5
+    else:
+        float_layer = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        x = torch.randn(2, 8, 5, 5) * 1.5
+    outs = []
+    for precision in ("fp32", "int8"):
+        layer = BINARY_LAYERS[type(float_layer)].from_float(
+            float_layer, binarizer(build_ste(ste)), build_ste(ste), None)
+        layer.set_precision(precision, "fp32")
+        assert layer._use_product() is (precision == "int8")
+        xr = x.clone().requires_grad_()
+        float_layer.weight.grad = None
+        out = layer(xr)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        outs.append((out.detach(), xr.grad, float_layer.weight.grad.clone()))
+    (ref, ref_gx, ref_gw), (got, gx, gw) = outs
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gx, ref_gx, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(gw, ref_gw, rtol=1e-4, atol=1e-5)

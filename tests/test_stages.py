@@ -50,15 +50,28 @@ def test_two_stages_run_and_stage2_starts_from_stage1(tmp_path, monkeypatch):
 
 
 def test_stage2_initial_weights_are_stage1_final_weights(tmp_path, monkeypatch):
+    """The weights stage 2 takes its first step from, seen inside `fit` as `stages.run` calls it."""
     import bnn_train.train.loop as loop
 
-    cfg = compose_cfg(*FAST, "method=bnn", "pretrain=relu", "pretrain.epochs=1", "trainer.epochs=0")
-    stages.run(cfg, tmp_path, {})  # stage 2 with 0 epochs saves nothing; check by initializing a model
-    net, _ = build_network(cfg, 3, 10, 16)
-    loop._initialize(net, tmp_path / "stage1" / "checkpoints" / "last.pt")
-    stage1 = torch.load(tmp_path / "stage1" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    for key, value in net.state_dict().items():
-        assert torch.equal(value, stage1[key]), key
+    first_weights, models = [], []
+    original = loop.train_step
+
+    def spy(parts, *args, **kwargs):
+        if not models or parts.model is not models[-1]:  # a stage's first step
+            models.append(parts.model)
+            first_weights.append({k: v.detach().clone() for k, v in parts.model.state_dict().items()})
+        return original(parts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    cfg = compose_cfg(*FAST, "method=bnn", "pretrain=relu", "pretrain.epochs=1")
+    stages.run(cfg, tmp_path, {})
+    assert len(first_weights) == 2
+    stage1_final = torch.load(tmp_path / "stage1" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    stage2_first = first_weights[1]
+    assert stage2_first.keys() == stage1_final.keys()
+    for key, value in stage2_first.items():
+        assert torch.equal(value, stage1_final[key]), key
+    assert any(not torch.equal(first_weights[0][k], v) for k, v in stage1_final.items())  # stage 1 did train
 
 
 def test_pretrain_checkpoint_skips_stage1(tmp_path):

@@ -1,16 +1,22 @@
 """End-to-end runs: learning, what a run writes, the clip invariant in checkpoints, resume."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
-from bnn_train.binarize import get_scheme
 from bnn_train.errors import CheckpointError
+from bnn_train.train import loop
+from bnn_train.train.distill import load_teacher
 from bnn_train.train.loop import fit
+from bnn_train.train.optim import build_optimizer
+from bnn_train.train.setup import binary_weights, build_network
+from bnn_train.train.step import StepParts, Tally, train_step
 from conftest import REPO, SHARED_DATA, compose_cfg
 
 FAST = ["data=synthetic", "model=mlp", "model.width=64", "model.depth=2", "trainer.progress=false"]
@@ -111,11 +117,35 @@ def test_checkpoint_from_another_model_is_rejected(tmp_path):
         run(tmp_path / "b", "model.width=32", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.pt'}")
 
 
-def test_first_and_last_layer_policy_reaches_the_model(tmp_path):
-    run(tmp_path, "method=xnor", "trainer.epochs=1")
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+def trained_models(monkeypatch) -> list:
+    """The modules `fit` runs its optimizer steps on, one per run, in order."""
+    models, original = [], loop.train_step
+
+    def spy(parts, *args, **kwargs):
+        if not models or parts.model is not models[-1]:
+            models.append(parts.model)
+        return original(parts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    return models
+
+
+def test_first_and_last_layer_policy_reaches_the_model(tmp_path, monkeypatch):
+    models = trained_models(monkeypatch)
+    run(tmp_path / "policy", "method=xnor", "trainer.epochs=1", "trainer.limit_train_batches=2")
+    ckpt = torch.load(tmp_path / "policy" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["binarized_layers"] == ["features.4"]  # 2 hidden layers: first and last (classifier) real
-    assert get_scheme("xnor").binary_activations
+    trained = models[0]
+    assert type(trained.features[1]) is nn.Linear and type(trained.classifier) is nn.Linear
+    assert trained.features[4].weight_quantizer is not None and trained.features[4].input_quantizer is not None
+
+    run(tmp_path / "all", "method=xnor", "method.keep_first_real=false", "method.keep_last_real=false",
+        "trainer.epochs=1", "trainer.limit_train_batches=2")
+    ckpt = torch.load(tmp_path / "all" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["binarized_layers"] == ["features.1", "features.4", "classifier"]
+    first, last = models[1].features[1], models[1].classifier
+    assert first.weight_quantizer is not None and first.input_quantizer is None  # the input is never binarized
+    assert last.weight_quantizer is not None and last.input_quantizer is not None
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="needs ../shared/data MNIST")
@@ -211,15 +241,63 @@ def test_skip_nonfinite_skips_up_to_n_batches(tmp_path, monkeypatch):
     assert metrics["steps"] == 16 - 2 and metrics["status"] == "completed"
 
 
+def _softmax(row, tau=1.0):
+    e = [math.exp(v / tau) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _hand_distillation(student, teacher, y, loss, tau, alpha):
+    """The batch mean of the KD loss (Hinton et al. 2015) or of ReActNet's distributional loss,
+    written out with math."""
+    total = 0.0
+    for s_row, t_row, label in zip(student.tolist(), teacher.tolist(), y.tolist()):
+        if loss == "distribution":  # KL(p_T || p_S) at temperature 1, no labels
+            total += sum(q * math.log(q / p) for p, q in zip(_softmax(s_row), _softmax(t_row)))
+        else:  # alpha * tau^2 * KL at temperature tau + (1 - alpha) * cross-entropy
+            kl = sum(q * math.log(q / p) for p, q in zip(_softmax(s_row, tau), _softmax(t_row, tau)))
+            total += alpha * tau ** 2 * kl - (1 - alpha) * math.log(_softmax(s_row)[label])
+    return total / len(y)
+
+
 @pytest.mark.parametrize("loss", ["kd", "distribution"])
-def test_distillation_from_a_full_precision_run(tmp_path, loss):
+def test_distillation_from_a_full_precision_run(tmp_path, monkeypatch, loss):
+    """The loss each step minimizes and train/loss reports is the distillation loss between the
+    student's logits and those of the teacher loaded from the checkpoint."""
     run(tmp_path / "teacher", "method=fp", "trainer.epochs=2")
-    teacher = tmp_path / "teacher" / "checkpoints" / "best.pt"
-    _, plain = run(tmp_path / "plain", "method=bnn", "trainer.epochs=1")
-    _, student = run(tmp_path / "student", "method=bnn", "trainer.epochs=1", "teacher=checkpoint",
-                     f"teacher.path={teacher}", f"teacher.loss={loss}")
+    path = tmp_path / "teacher" / "checkpoints" / "best.pt"
+    steps, original = [], loop.train_step
+
+    def spy(parts, x, y, *args, **kwargs):
+        seen = {}
+
+        def keep(name):
+            def hook(module, inputs, out):
+                seen[name] = out.detach().clone()
+            return hook
+
+        hooks = [parts.model.register_forward_hook(keep("student")),
+                 parts.teacher.register_forward_hook(keep("teacher"))]
+        try:
+            result = original(parts, x, y, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        steps.append((x, y, seen["student"], seen["teacher"], result[0].item()))
+        return result
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    cfg, student = run(tmp_path / "student", "method=bnn", "trainer.epochs=1", "teacher=checkpoint",
+                       f"teacher.path={path}", f"teacher.loss={loss}")
     assert student["status"] == "completed" and student["best_val_acc"] > 0.3
-    assert student["history"][0]["train_loss"] != plain["history"][0]["train_loss"]  # the loss is the KD loss
+
+    reference = load_teacher(cfg.teacher, 3, 10, 16, "cpu")  # the checkpoint's network, loaded on its own
+    for x, y, student_logits, teacher_logits, got in steps[:2]:
+        with torch.no_grad():
+            torch.testing.assert_close(teacher_logits, reference(x))
+        expected = _hand_distillation(student_logits, teacher_logits, y, loss, cfg.teacher.temperature,
+                                      cfg.teacher.alpha)
+        assert got == pytest.approx(expected, rel=1e-5)
+    assert student["history"][0]["train_loss"] == pytest.approx(sum(s[-1] for s in steps) / len(steps), rel=1e-6)
 
 
 @pytest.mark.parametrize("precision,backward", [("fp32", "fp32"), ("int8", "bf16"), ("bf16", "fp32")])
@@ -247,3 +325,52 @@ def test_conv_model_trains_channels_last_with_exact_products(tmp_path):
 def test_compile_trains_every_scheme(tmp_path, method):
     _, metrics = run(tmp_path, f"method={method}", "trainer.epochs=1", "trainer.compile=true")
     assert metrics["best_val_acc"] > 0.3
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("overrides", [("method=bnn",), ("method=xnor", "method.reg=l2", "trainer.precision=bf16")])
+def test_steps_between_log_points_read_nothing_back_from_the_device(tmp_path, monkeypatch, overrides):
+    """Every way Python reads a tensor's value (and waits for the device to get there), counted
+    from the start of one train_step to the start of the next: none, except after a log step."""
+    events, original = [], loop.train_step
+
+    def step(*args, **kwargs):
+        events.append("step")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    for name in HOST_READS:
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            events.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    run(tmp_path, *overrides, "trainer.epochs=1", "trainer.limit_train_batches=6", "trainer.log_every_n_steps=3",
+        "trainer.limit_val_batches=1")
+    starts = [i for i, e in enumerate(events) if e == "step"]
+    after = [events[a + 1:b] for a, b in zip(starts, starts[1:])]  # after[k]: step k + 1 and what follows it
+    assert len(after) == 5
+    assert after[0] == after[1] == after[3] == after[4] == []
+    assert after[2] and set(after[2]) <= {"tolist"}  # the log point after step 3: batched reads
+
+
+def test_train_step_alone_makes_no_host_read(monkeypatch):
+    cfg = compose_cfg(*FAST, "method=bnn")
+    torch.manual_seed(0)
+    net, _ = build_network(cfg, 3, 10, 16)
+    parts = StepParts(model=net, optimizer=build_optimizer(net, cfg.optim, binary_weights(net)), clip=1.0)
+    tally = Tally(torch.device("cpu"))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    reads = []
+    for name in HOST_READS:
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    loss, updated = train_step(parts, x, y, tally, step=1)
+    monkeypatch.undo()
+    assert reads == [] and updated
+    sums = tally.read()
+    assert sums["loss"] == pytest.approx(loss.item() * 8) and sums["win_loss"] == sums["loss"]
+    assert 0 <= sums["correct"] <= 8 and sums["bad_step"] == 0

@@ -1,7 +1,8 @@
 """Training-step benchmark: `python scripts/bench_train.py [--models ...] [--schemes ...]`.
 
 For each (model, scheme) it times full training steps (forward, loss, backward, optimizer step,
-latent clipping) of four variants, built from the same Hydra configs as `train.py`:
+latent clipping) of four variants, built from the same Hydra configs as `train.py`; all but the
+research baseline run the trainer's own `train_step`:
 
   binary    the binarized network on the fast path: exact +-1 products (`trainer.binary_precision=auto`),
             bf16 gradients of those products, channels_last, the framework's on-device loader
@@ -33,7 +34,6 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from bnn_train.binarize import clip_latent_
 from bnn_train.binarize.scaling import SignWeight
 from bnn_train.binarize.transform import set_binary_precision
 from bnn_train.data import build_data
@@ -41,6 +41,7 @@ from bnn_train.train.cpu_memory import keep_freed_memory
 from bnn_train.train.optim import build_optimizer
 from bnn_train.models import build_model
 from bnn_train.train.setup import activation_for, binary_weights, build_network
+from bnn_train.train.step import StepParts, train_step
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VARIANTS = ("binary", "fp32", "fp_policy", "research")
@@ -143,17 +144,16 @@ class Variant:
     wait: list[float] = field(default_factory=list)
     memory: int = 0
 
+    def __post_init__(self):
+        # The trainer's step, timed without a schedule or running sums: the research baseline has neither
+        self.parts = StepParts(model=self.model, optimizer=self.optimizer, clip=self.bound, autocast=self.autocast,
+                               layout=self.layout)
+
     def step(self, x, y):
-        x = x.contiguous(memory_format=self.layout) if x.dim() == 4 else x
         if self.research:
+            x = x.contiguous(memory_format=self.layout) if x.dim() == 4 else x
             return research_step(self.model, self.optimizer, x, y, self.bound)
-        with self.autocast:
-            loss = F.cross_entropy(self.model(x).float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        clip_latent_(self.model, self.bound)
-        return loss
+        return train_step(self.parts, x, y)[0]
 
 
 def build_variants(model: str, scheme: str, batch: int, device: torch.device, precision: str,

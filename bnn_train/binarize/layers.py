@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnn_train.binarize.product import FusedBinaryConv2d, FusedBinaryLinear
+from bnn_train.binarize.quantizers import ActivationQuantizer, IndicatorSTE
+from bnn_train.binarize.scaling import SplitWeightBinarizer
 
 
 class _BinaryMixin:
@@ -28,7 +30,8 @@ class _BinaryMixin:
     @property
     def binary_product(self) -> bool:
         """Inputs are signed and weights are alpha * sign(W) per output channel: the fused product applies."""
-        return (hasattr(self.weight_quantizer, "split") and getattr(self.input_quantizer, "outputs_sign", False)
+        return (isinstance(self.weight_quantizer, SplitWeightBinarizer)
+                and isinstance(self.input_quantizer, ActivationQuantizer) and self.input_quantizer.outputs_sign
                 and self._plain())
 
     def _plain(self) -> bool:
@@ -44,7 +47,7 @@ class _BinaryMixin:
         """(tensor to sign, clipped-STE bound) for the fused product: identity and clipped STEs run
         inside it; other estimators (ApproxSign, RSign, ...) run here and hand it +-1 values."""
         q = self.input_quantizer
-        if hasattr(q, "mask_bound"):
+        if isinstance(q, IndicatorSTE):
             return x, q.mask_bound
         return q(x), None
 

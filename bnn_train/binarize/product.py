@@ -31,7 +31,6 @@ from torch import Tensor
 
 from bnn_train.binarize.quantizers import sign_int8
 
-PRECISIONS = ("fp32", "bf16", "int8")
 BF16_EXACT_TERMS = 256  # integers above 256 are rounded in bf16 (8 significant bits)
 
 
@@ -71,7 +70,7 @@ class FusedBinaryLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # the precision is ours to choose
             out = _sign_matmul(xb, s, precision)
         # P = x_b . s^T, for binarizers whose gradient needs sum_j G_oj s_oj = sum_b g_bo P_bo
-        product = out.clone() if getattr(binarizer, "needs_row_sums", False) else None
+        product = out.clone() if binarizer.needs_row_sums else None
         if alpha is not None:
             out.mul_(alpha)
         ctx.save_for_backward(xb, mask, s, w, alpha, product)

@@ -1,18 +1,22 @@
-"""Sign quantizers with straight-through estimators (STEs), looked up by name.
+"""Sign quantizers with straight-through estimators (STEs), registered by name in `STES`.
 
-Every quantizer computes the same forward, sign(x) with sign(0) = +1, and differs only in the
+Every estimator computes the same forward, sign(x) with sign(0) = +1, and differs only in the
 pseudo-gradient that backward uses in place of sign's derivative (zero almost everywhere).
+A new estimator is a `SignSTE` subclass decorated with `@STES.register(name, schema)` (schema: the
+dataclass of its `ste` config keys) plus configs/ste/NAME.yaml.
 """
 
 from __future__ import annotations
 
 import abc
-import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from bnn_train.errors import ConfigError
+from bnn_train.errors import FieldError
+from bnn_train.registry import Registry
 
 
 def sign(x: Tensor) -> Tensor:
@@ -64,20 +68,54 @@ class _MaskedSignSTE(torch.autograd.Function):
         return grad_out * mask, None
 
 
-class SignSTE(nn.Module):
-    """Base class: sign(x) forward, `pseudo_grad(x)` as d sign/dx in backward."""
+class ActivationQuantizer(nn.Module):
+    """What a binarized layer applies to its input. `outputs_sign`: the forward values are exactly
+    +-1, so the fused exact products (`product.py`) may take them."""
 
-    name = "base"
-    outputs_sign = True  # forward values are exactly +-1
+    outputs_sign: ClassVar[bool] = False
 
+
+class SignSTE(ActivationQuantizer, abc.ABC):
+    """sign(x) forward, `pseudo_grad(x)` as d sign/dx in backward."""
+
+    name: ClassVar[str] = "base"
+    outputs_sign = True
+
+    @abc.abstractmethod
     def pseudo_grad(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        ...
 
     def forward(self, x: Tensor) -> Tensor:
         return _SignSTE.apply(x, self.pseudo_grad)
 
 
-class IdentitySTE(SignSTE):
+class IndicatorSTE(SignSTE):
+    """Estimators whose pseudo-gradient is the indicator 1{|x| <= mask_bound} (None: always 1): the
+    fused products apply them inside the product and save a bool mask instead of x."""
+
+    mask_bound: ClassVar[float | None] = None
+
+    def pseudo_grad(self, x: Tensor) -> Tensor:
+        if self.mask_bound is None:
+            return torch.ones_like(x)
+        return (x.abs() <= self.mask_bound).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _MaskedSignSTE.apply(x, self.mask_bound)
+
+
+@dataclass
+class EstimatorConfig:
+    """Keys of an `ste` option without parameters."""
+
+    name: str = "???"
+
+
+STES: Registry[type[SignSTE]] = Registry("ste", "estimator")
+
+
+@STES.register("identity", EstimatorConfig)
+class IdentitySTE(IndicatorSTE):
     """Plain straight-through estimator: d sign/dx := 1.
 
     Bengio, Léonard & Courville 2013, "Estimating or Propagating Gradients Through Stochastic
@@ -86,33 +124,21 @@ class IdentitySTE(SignSTE):
     """
 
     name = "identity"
-
-    def pseudo_grad(self, x: Tensor) -> Tensor:
-        return torch.ones_like(x)
-
-    mask_bound = None  # the pseudo-gradient is 1{|x| <= mask_bound}; None: always 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _MaskedSignSTE.apply(x, None)
+    mask_bound = None
 
 
-class ClippedSTE(SignSTE):
+@STES.register("clipped", EstimatorConfig)
+class ClippedSTE(IndicatorSTE):
     """STE with gradient cancellation: d sign/dx := 1{|x| <= 1} (the derivative of Hardtanh).
 
     Hubara, Courbariaux et al. 2016, "Binarized Neural Networks" (BinaryNet), eq. 4.
     """
 
     name = "clipped"
-
-    def pseudo_grad(self, x: Tensor) -> Tensor:
-        return (x.abs() <= 1).to(x.dtype)
-
     mask_bound = 1.0
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _MaskedSignSTE.apply(x, self.mask_bound)
 
-
+@STES.register("approx_sign", EstimatorConfig)
 class ApproxSignSTE(SignSTE):
     """Bi-Real Net's ApproxSign: the derivative of a piecewise-quadratic approximation of sign,
         d sign/dx := 2 + 2x on [-1, 0),  2 - 2x on [0, 1),  0 elsewhere.
@@ -126,6 +152,17 @@ class ApproxSignSTE(SignSTE):
         return (2 - 2 * x.abs()).clamp_(min=0)  # 2 - 2|x| on (-1, 1), which is <= 0 outside
 
 
+@dataclass
+class SwishSignConfig:
+    name: str = "swish_sign"
+    beta: float = 5.0
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise FieldError("beta", self.beta, "must be > 0")
+
+
+@STES.register("swish_sign", SwishSignConfig)
 class SwishSignSTE(SignSTE):
     """SwishSign: the derivative of SS_b(x) = 2 sigma(b x)(1 + b x (1 - sigma(b x))) - 1,
         d sign/dx := b (2 - b x tanh(b x / 2)) / (1 + cosh(b x)).
@@ -135,7 +172,7 @@ class SwishSignSTE(SignSTE):
 
     name = "swish_sign"
 
-    def __init__(self, beta: float = 5.0):
+    def __init__(self, beta: float = SwishSignConfig.beta):
         super().__init__()
         self.beta = beta
 
@@ -156,39 +193,7 @@ class EpochScheduled(abc.ABC):
         ...
 
 
-class EDESTE(SignSTE, EpochScheduled):
-    """IR-Net's Error Decay Estimator: d sign/dx := k t (1 - tanh^2(t x)), the derivative of
-    k tanh(t x), with
-        t = 10^(log10 t_min + (log10 t_max - log10 t_min) e / E),   k = max(1 / t, 1)
-    at epoch e of E: close to the identity STE early (small t, k t = 1 near 0), close to sign's own
-    derivative late (t = t_max, a narrow peak of height t).
-
-    Qin et al. 2020, "Forward and Backward Information Retention for Accurate Binary Neural
-    Networks" (IR-Net), sec. 3.2, eq. 11-12; t_min = 1e-3, t_max = 10 as in the authors' CIFAR code.
-    """
-
-    name = "ede"
-
-    def __init__(self, t_min: float = 1e-3, t_max: float = 10.0):
-        super().__init__()
-        if not 0 < t_min <= t_max:
-            raise ConfigError(f"ste.t_min={t_min}, ste.t_max={t_max}: need 0 < t_min <= t_max")
-        self.t_min, self.t_max = t_min, t_max
-        self.set_epoch(0, 1)
-
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        lo, hi = math.log10(self.t_min), math.log10(self.t_max)
-        self.t = 10 ** (lo + (hi - lo) * epoch / max(epochs, 1))
-        self.k = max(1 / self.t, 1.0)
-
-    def pseudo_grad(self, x: Tensor) -> Tensor:
-        return (self.k * self.t) * (1 - torch.tanh(self.t * x).square())
-
-    def extra_repr(self) -> str:
-        return f"t_min={self.t_min}, t_max={self.t_max}, t={self.t:.4g}, k={self.k:.4g}"
-
-
-class StochasticSign(nn.Module):
+class StochasticSign(ActivationQuantizer):
     """BinaryNet's stochastic activations: +1 with probability hard_sigmoid(x) = clip((x + 1) / 2, 0, 1),
     else -1, while training; deterministic sign(x) in eval mode.
 
@@ -209,7 +214,7 @@ class StochasticSign(nn.Module):
         return self.ste(x - (torch.rand_like(x) * 2 - 1))
 
 
-class ZeroOneSign(nn.Module):
+class ZeroOneSign(ActivationQuantizer):
     """{0, 1} activations: a = (q(x) + 1) / 2 for a +-1 quantizer q, gradient q'/2.
 
     For a layer with weights W this gives the identity W . a = (W . q(x) + W . 1) / 2: a {0, 1}
@@ -227,7 +232,7 @@ class ZeroOneSign(nn.Module):
         return (self.quantizer(x) + 1) * 0.5
 
 
-class ThresholdSign(nn.Module):
+class ThresholdSign(ActivationQuantizer):
     """ReActNet's RSign: sign(x_c - beta_c) with a learnable threshold beta per input channel c.
 
     Liu et al. 2020, "ReActNet", eq. 2. The gradient reaches x and beta through `ste` at x - beta:
@@ -246,14 +251,11 @@ class ThresholdSign(nn.Module):
         return self.ste(x - self.threshold.view(shape))
 
 
-STES: dict[str, type[SignSTE]] = {
-    cls.name: cls for cls in (IdentitySTE, ClippedSTE, ApproxSignSTE, SwishSignSTE, EDESTE)
-}
-
-
 def build_ste(name: str, **options) -> SignSTE:
-    """Instantiate the STE registered under `name` with its options (e.g. beta for swish_sign)."""
-    try:
-        return STES[name](**options)
-    except KeyError:
-        raise ConfigError(f"ste={name}: unknown estimator; choose one of: {', '.join(STES)}") from None
+    """Instantiate the estimator registered under `name` with its options (e.g. beta for swish_sign)."""
+    return STES.lookup(name)(**options)
+
+
+def ste_from_config(node) -> SignSTE:
+    """The estimator of an `ste` config node: its `name` and its options."""
+    return build_ste(node["name"], **{k: v for k, v in node.items() if k != "name"})

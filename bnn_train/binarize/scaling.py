@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+import abc
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnn_train.binarize.quantizers import SignSTE, sign_int8
+from bnn_train.binarize.quantizers import IndicatorSTE, SignSTE, sign_int8
 
 
-def _through_ste(ste: SignSTE, w: Tensor, grad: Tensor) -> Tensor:
+def through_ste(ste: SignSTE, w: Tensor, grad: Tensor) -> Tensor:
     """grad * ste'(w) in place; indicator estimators (identity, clipped) skip the float pseudo-gradient."""
-    if not hasattr(ste, "mask_bound"):
+    if not isinstance(ste, IndicatorSTE):
         return grad.mul_(ste.pseudo_grad(w))
     return grad if ste.mask_bound is None else grad.mul_(w.abs() <= ste.mask_bound)
+
+
+class WeightBinarizer(nn.Module):
+    """Maps a layer's latent weights W to the binary weights W_b its forward uses."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class SplitWeightBinarizer(WeightBinarizer, abc.ABC):
+    """W_b = alpha_o * s with s in {-1, +1}: the fused exact products (`product.py`) take W_b apart
+    with `split` and hand dL/dW_b back through `latent_grad`."""
+
+    # latent_grad needs row_sums[o] = sum_j G_oj s_oj, which the fused products compute cheaply
+    needs_row_sums: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(s as int8 +-1, alpha of shape [O] or [1], or None for alpha = 1)."""
+
+    @abc.abstractmethod
+    def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None,
+                    row_sums: Tensor | None = None) -> Tensor:
+        """dL/dW from G = dL/dW_b (which may be overwritten)."""
 
 
 def mean_abs_scale(w: Tensor, per_channel: bool = True) -> Tensor:
@@ -24,10 +51,10 @@ def mean_abs_scale(w: Tensor, per_channel: bool = True) -> Tensor:
     Shape [out, 1, ...] (or [1, 1, ...]) so that it broadcasts over W.
     """
     shape = (w.shape[0] if per_channel else 1, *([1] * (w.dim() - 1)))
-    return _l1_mean(w, per_channel).view(shape)
+    return l1_mean(w, per_channel).view(shape)
 
 
-def _l1_mean(w: Tensor, per_channel: bool) -> Tensor:
+def l1_mean(w: Tensor, per_channel: bool) -> Tensor:
     """mean_abs_scale flattened to [O] (or [1]), without a |W| temporary."""
     flat = w.flatten(1) if per_channel else w.reshape(1, -1)
     return torch.linalg.vector_norm(flat, 1, dim=1) / flat.shape[1]
@@ -37,7 +64,7 @@ def _scale_dims(w: Tensor, per_channel: bool) -> tuple[int, ...]:
     return tuple(range(1 if per_channel else 0, w.dim()))
 
 
-class SignWeight(nn.Module):
+class SignWeight(SplitWeightBinarizer):
     """W_b = sign(W), gradient to the latent W through `ste` (BinaryConnect, BinaryNet)."""
 
     def __init__(self, ste: SignSTE):
@@ -47,15 +74,14 @@ class SignWeight(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         return self.ste(w)
 
-    # The fused products (`product.py`) take W_b = alpha * s apart, and hand dL/dW_b back for dL/dW.
     def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
         return sign_int8(w), None
 
     def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
-        return _through_ste(self.ste, w, grad_wb)
+        return through_ste(self.ste, w, grad_wb)
 
 
-class ScaledSignWeight(nn.Module):
+class ScaledSignWeight(SplitWeightBinarizer):
     """W_b = alpha * sign(W), alpha = mean|W| per output channel (BWN and XNOR-Net).
 
     alpha is not detached: the gradient is the full chain rule over a channel of n weights,
@@ -72,9 +98,9 @@ class ScaledSignWeight(nn.Module):
         return mean_abs_scale(w, self.per_channel) * self.ste(w)
 
     def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        return sign_int8(w), _l1_mean(w, self.per_channel)
+        return sign_int8(w), l1_mean(w, self.per_channel)
 
-    needs_row_sums = True  # latent_grad takes sum_j G_oj sign(W_oj); the fused products compute it cheaply
+    needs_row_sums = True
 
     def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None,
                     row_sums: Tensor | None = None) -> Tensor:
@@ -88,11 +114,11 @@ class ScaledSignWeight(nn.Module):
         n = w[0].numel()
         if not self.per_channel:
             row_sums, n = row_sums.sum().view(1), w.numel()
-        direct = _through_ste(self.ste, w, grad_wb.mul_(alpha.view(shape)))
+        direct = through_ste(self.ste, w, grad_wb.mul_(alpha.view(shape)))
         return direct.addcmul_(s, (row_sums / n).view(shape))
 
 
-class MagnitudeSignWeight(nn.Module):
+class MagnitudeSignWeight(SplitWeightBinarizer):
     """Bi-Real Net's magnitude-aware sign: W_b = (||W||_1 / n) * sign(W) per output channel, with
     the paper's gradient
         dL/dW_i = dL/dW_b,i * (||W||_1 / n) * ste'(W_i),
@@ -112,65 +138,14 @@ class MagnitudeSignWeight(nn.Module):
         return mean_abs_scale(w, self.per_channel).detach() * self.ste(w)
 
     def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        return sign_int8(w), _l1_mean(w, self.per_channel)
+        return sign_int8(w), l1_mean(w, self.per_channel)
 
     def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
         shape = (alpha.numel(), *([1] * (w.dim() - 1)))
-        return _through_ste(self.ste, w, grad_wb.mul_(alpha.view(shape)))
+        return through_ste(self.ste, w, grad_wb.mul_(alpha.view(shape)))
 
 
-def standardize(w: Tensor) -> Tensor:
-    """(W_o - mean(W_o)) / std(W_o) for each output channel o (std with n - 1, as torch.std)."""
-    flat = w.flatten(1)
-    centered = flat - flat.mean(1, keepdim=True)
-    return (centered / centered.std(1, keepdim=True)).view_as(w)
-
-
-def power_of_two_scale(w_hat: Tensor) -> Tensor:
-    """2^round(log2(mean|W_hat_o|)) per output channel, shape [O]."""
-    return torch.exp2(torch.round(torch.log2(_l1_mean(w_hat, True))))
-
-
-class LibraSignWeight(nn.Module):
-    """IR-Net's Libra-PB weights: per output channel o,
-        W_hat = (W - mean(W_o)) / std(W_o),   W_b = 2^round(log2 mean|W_hat_o|) * sign(W_hat),
-    the scale detached (a power of two: a bit shift at inference). The standardized weights are
-    balanced (half of them +1, maximal information entropy) and of unit spread, so latent weights
-    need no clip: sign(W_hat) does not change when W is scaled. Gradient: the STE at W_hat, then
-    the standardization's chain rule over each channel of n weights (sigma its std, h = alpha * G *
-    ste'(W_hat), G = dL/dW_b):
-        dL/dW_i = (h_i - mean(h) - W_hat_i * sum_j h_j W_hat_j / (n - 1)) / sigma.
-
-    Qin et al. 2020, "Forward and Backward Information Retention for Accurate Binary Neural
-    Networks" (IR-Net), sec. 3.1, eq. 6-9 and the authors' code.
-    """
-
-    def __init__(self, ste: SignSTE):
-        super().__init__()
-        self.ste = ste
-
-    def forward(self, w: Tensor) -> Tensor:
-        w_hat = standardize(w)
-        alpha = power_of_two_scale(w_hat.detach()).view(-1, *([1] * (w.dim() - 1)))
-        return alpha * self.ste(w_hat)
-
-    def split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        w_hat = standardize(w.detach())
-        return sign_int8(w_hat), power_of_two_scale(w_hat)
-
-    def latent_grad(self, w: Tensor, grad_wb: Tensor, s: Tensor, alpha: Tensor | None, row_sums=None) -> Tensor:
-        flat = w.detach().flatten(1)
-        centered = flat - flat.mean(1, keepdim=True)
-        sigma = centered.std(1, keepdim=True)
-        w_hat = centered / sigma
-        h = _through_ste(self.ste, w_hat.view_as(w), grad_wb.mul_(alpha.view(-1, *([1] * (w.dim() - 1)))))
-        h = h.flatten(1)
-        n = flat.shape[1]
-        proj = (h * w_hat).sum(1, keepdim=True) / (n - 1)
-        return ((h - h.mean(1, keepdim=True) - w_hat * proj) / sigma).view_as(w)
-
-
-class LearnableScaleSignWeight(nn.Module):
+class LearnableScaleSignWeight(WeightBinarizer):
     """W_b = alpha * sign(W) with alpha a trained parameter per output channel (or one per layer),
     initialized to mean|W| and learned by gradient: dL/dalpha_o = sum_i G_oi sign(W_oi),
     dL/dW_i = alpha * G_i * ste'(W_i) (G = dL/dW_b).
@@ -189,7 +164,7 @@ class LearnableScaleSignWeight(nn.Module):
         return self.scale * self.ste(w)
 
 
-class StochasticSignWeight(nn.Module):
+class StochasticSignWeight(WeightBinarizer):
     """Stochastic BinaryConnect: W_b = +1 with probability clip((W + 1) / 2, 0, 1), else -1, while
     training; in eval mode the real-valued weights clip(W, -1, 1) = E[W_b].
 
@@ -208,12 +183,6 @@ class StochasticSignWeight(nn.Module):
         if not self.training:
             return w.clamp(-1, 1)
         return self.ste(w - (torch.rand_like(w) * 2 - 1))
-
-
-WEIGHT_BINARIZERS: dict[str, type[nn.Module]] = {
-    "sign": SignWeight, "scaled_sign": ScaledSignWeight, "magnitude_sign": MagnitudeSignWeight,
-    "stochastic_sign": StochasticSignWeight, "learnable_scale": LearnableScaleSignWeight,
-    "libra_sign": LibraSignWeight}
 
 
 class ConvActivationScale(nn.Module):

@@ -22,7 +22,8 @@ from bnn_train.errors import CheckpointError, UserError
 from bnn_train.train.checkpoint import load_checkpoint
 from bnn_train.train.setup import build_network
 
-# Input (channels, size, classes) of the fixed-size datasets, for checkpoints that predate "input_shape".
+# [channels, image_size, num_classes] of the fixed-size datasets, for checkpoints that predate the
+# checkpoint key "input_shape" (which holds that triple, not a tensor shape).
 KNOWN_INPUTS = {"cifar10": [3, 32, 10], "mnist": [1, 28, 10], "digits": [1, 8, 10]}
 
 
@@ -38,21 +39,23 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_trained(path: Path):
-    """(model in eval mode, config dict, input shape) from a checkpoint written by the trainer."""
+    """(model in eval mode, config dict, [channels, image_size, num_classes]) from a checkpoint written
+    by the trainer (its key "input_shape" holds that triple)."""
     state = load_checkpoint(path)
     config = state.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: has no run config; export needs a checkpoint written by train.py")
-    shape = state.get("input_shape") or KNOWN_INPUTS.get(config["data"]["name"])
-    if shape is None:
-        raise CheckpointError(f"{path}: does not record its input shape (data={config['data']['name']}); "
-                              f"resave it with a current train.py")
+    dims = state.get("input_shape") or KNOWN_INPUTS.get(config["data"]["name"])
+    if dims is None:
+        raise CheckpointError(f"{path}: does not record its input channels, image size and classes "
+                              f"(data={config['data']['name']}); resave it with a current train.py")
+    channels, image_size, num_classes = dims
     cfg = OmegaConf.create(config)
-    model, binarized = build_network(cfg, shape[0], shape[2], shape[1], state.get("stage"))
+    model, binarized = build_network(cfg, channels, num_classes, image_size, state.get("stage"))
     if not binarized:
         raise CheckpointError(f"{path}: method={config['method']['name']} binarizes no layer; nothing to pack")
     model.load_state_dict(state["model"])
-    return model.eval(), config, shape
+    return model.eval(), config, dims
 
 
 def check(model, packed, config, data_root: str | None) -> dict:
@@ -86,15 +89,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(args.source)
-        model, config, shape = load_trained(ckpt)
-        sizes = export(model, config, tuple(shape), args.out)
+        model, config, dims = load_trained(ckpt)
+        sizes = export(model, config, tuple(dims), args.out)
         ckpt_bytes = ckpt.stat().st_size
         print(f"wrote {args.out}: {sizes['packed_bytes'] / 1e6:.3f} MB "
               f"({sizes['binary_bits_bytes'] / 1e6:.3f} MB of weight bits); fp32 weights "
               f"{sizes['fp32_model_bytes'] / 1e6:.3f} MB ({sizes['fp32_model_bytes'] / sizes['packed_bytes']:.1f}x), "
               f"checkpoint file {ckpt_bytes / 1e6:.3f} MB ({ckpt_bytes / sizes['packed_bytes']:.1f}x)")
         packed = load_packed(args.out)
-        print(f"loaded back: {type(packed).__name__}, kernels: {kernels.best_impl()}")
+        plan = f", per binary layer: {packed.summary()}" if hasattr(packed, "summary") else ""
+        print(f"loaded back: {type(packed).__name__}, kernels: {kernels.best_impl()}{plan}")
         if args.check:
             t0 = time.perf_counter()
             r = check(model, packed, config, args.data_root)

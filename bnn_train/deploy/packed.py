@@ -1,12 +1,15 @@
 """Packed 1-bit models: export a trained network with its binary weights as bits, load it back as a
 module whose binarized layers run on the XNOR/popcount kernels.
 
-File (torch.save of a dict, format "bnn-packed-1"): the run's config, the input shape, every
-real tensor of the state dict in fp32 (first/last layers, BatchNorm, scales, thresholds), and per
-binarized layer sign(W) as bits (numpy.packbits of [O, C * kh * kw], 1 <=> +1) with its shape.
+File (torch.save of a dict, format "bnn-packed-1"): the run's config, "input_shape" = [channels,
+image_size, num_classes] of the network's input and output, every real tensor of the state dict in
+fp32 (first/last layers, BatchNorm, scales, thresholds), and per binarized layer sign(W) as bits
+(numpy.packbits of [O, C * kh * kw], 1 <=> +1) with its shape.
 A binarized layer's output is alpha * (sign(x) . sign(W)) [* K(x)] [affine] + b exactly as in
-training, with the +-1 sum computed by the kernels as an int32, so predictions match the
-training-time module (`trainer.binary_precision` exact paths) bit for bit.
+training, with the +-1 sum computed by the kernels as an int32 and the float tail applied in the
+kernel's epilogue with torch's fp32 roundings, so predictions match the training-time module
+(`trainer.binary_precision` exact paths) bit for bit. `load_packed` then folds BatchNorm, shortcut
+additions, activations and the next layer's sign into those epilogues (`fused.py`).
 """
 
 from __future__ import annotations
@@ -62,14 +65,31 @@ def kernel_weight(signs: Tensor) -> Tensor:
 # ---- packed layers -------------------------------------------------------------------------------
 
 
-def _sign_source(quantizer: nn.Module, x: Tensor) -> Tensor:
-    """The tensor whose sign the layer's input quantizer takes (eval mode)."""
+def sign_threshold(quantizer: nn.Module) -> Tensor | None:
+    """t of the input quantizer's sign(x - t) in eval mode (None: t = 0)."""
     if isinstance(quantizer, ThresholdSign):
-        return x - quantizer.threshold.view(1, -1, *([1] * (x.dim() - 2)))
+        return quantizer.threshold.detach().float()
     if isinstance(quantizer, (SignSTE, StochasticSign)):
-        return x
+        return None
     raise CheckpointError(f"export: input quantizer {type(quantizer).__name__} has no packed form "
                           f"(the packed engine runs +-1 activations)")
+
+
+def _sign_source(quantizer: nn.Module, x: Tensor) -> Tensor:
+    """The tensor whose sign the layer's input quantizer takes (eval mode)."""
+    t = sign_threshold(quantizer)
+    return x if t is None else x - t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class PackedActivation:
+    """An activation handed from one packed layer to the next: the signs the next layer's quantizer
+    takes, as kernel bits [B, H, W, ceil(C / 64)], the real values where something else needs them,
+    and mean_c |x| [B, 1, H, W] where the next layer's XNOR-Net K needs only that."""
+
+    __slots__ = ("bits", "channels", "real", "abs_mean")
+
+    def __init__(self, bits: Tensor, channels: int, real: Tensor | None = None, abs_mean: Tensor | None = None):
+        self.bits, self.channels, self.real, self.abs_mean = bits, channels, real, abs_mean
 
 
 class PackedBinaryConv2d(nn.Module):
@@ -86,32 +106,89 @@ class PackedBinaryConv2d(nn.Module):
         self.register_buffer("alpha", alpha)
         self.register_buffer("bits", kernel_weight(signs))
         self.register_buffer("signs", torch.where(signs, 1, -1).to(torch.int8))  # for the torch fallback
-        self.impl = None
 
     out_shape = (1, -1, 1, 1)  # how per-channel alpha, affine and bias broadcast over the output
 
-    def forward(self, x: Tensor) -> Tensor:
-        """alpha * (sign(x) . sign(W)) [* K(x)] [affine] + b, as `_BinaryMixin.scaled` in training."""
-        out = self._sign_product(_sign_source(self.input_quantizer, x))
+    def forward(self, x: Tensor | PackedActivation) -> Tensor:
+        """alpha * (sign(x) . sign(W)) [* K(x)] [affine] + b, as `_BinaryMixin.scaled` in training;
+        the output keeps the input's memory format, so that later layers sum in the same order."""
+        real = x.real if isinstance(x, PackedActivation) else x
+        fmt = memory_format(real) if real is not None else torch.contiguous_format
+        return self.product(x, "nhwc" if fmt == torch.channels_last else "nchw")[0]
+
+    # The kernels see every layer as a conv over [B, C, H, W]; a linear layer overrides these two.
+    def as_image(self, x: Tensor) -> Tensor:
+        return x
+
+    def from_image(self, y: Tensor) -> Tensor:
+        return y
+
+    def input_bits(self, x: Tensor | PackedActivation, impl: int) -> Tensor:
+        """The kernel bits of sign(x - t): handed over by the previous layer, or packed here."""
+        if isinstance(x, PackedActivation):
+            return x.bits
+        return kernels.load().pack_channels(self.as_image(_sign_source(self.input_quantizer, x)).float(), impl)
+
+    def pixel_scale(self, x: Tensor | PackedActivation) -> Tensor | None:
+        """XNOR-Net's K(x) per output pixel, flattened (None without an activation scale)."""
+        if self.act_scale is None:
+            return None
+        if isinstance(x, PackedActivation) and x.abs_mean is not None:
+            return self.k_from_mean(x.abs_mean).reshape(-1).contiguous()
+        real = x.real if isinstance(x, PackedActivation) else x
+        if real is None:
+            raise RuntimeError("packed layer with an activation scale K got no real input")
+        return self.act_scale(real).float().reshape(-1).contiguous()
+
+    def k_from_mean(self, a: Tensor) -> Tensor:
+        """K from A = mean_c |x| [B, 1, H, W]: A * k, k a kh x kw box filter of 1 / (kh kw) applied with
+        the conv's stride, padding and dilation (XNOR-Net sec. 3.2); `fused` checks it against the
+        layer's own act_scale before relying on it."""
+        kh, kw = self.kernel_size
+        box = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), dtype=a.dtype)
+        return F.conv2d(a, box, stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+    def product(self, x: Tensor | PackedActivation, real: str | None, **epilogue) -> tuple:
+        """(real, bits, abs_mean) of the kernel with the layer's own tail, alpha * P [* K] + b, in its
+        epilogue, followed by `epilogue` (kernels.conv's bn, residual, act, threshold, bits, fold,
+        abs_mean); the affine output, which the kernel does not replicate, runs in torch on the int32
+        sums instead."""
+        module = kernels.load()
+        if module is None or self.affine is not None:
+            if epilogue:
+                raise RuntimeError("a packed layer with an affine output or without kernels has no fused epilogue")
+            out = self._torch_tail(self._sign_product(x), x, real)
+            return out, None, None
+        impl = kernels.resolve_impl(None)
+        k = self.pixel_scale(x) if epilogue.get("fold") is None else None  # folded thresholds need no K
+        scale = None if self.alpha is None else self.alpha.expand(self.out_channels).contiguous()
+        out = kernels.conv(self.input_bits(x, impl), self.bits, self.in_channels, self.kernel_size, self.stride,
+                           self.padding, self.dilation, impl, scale=scale, pixel_scale=k,
+                           bias=None if self.bias is None else self.bias.detach().float(), real=real, **epilogue)
+        return (None if out.real is None else self.from_image(out.real)), out.bits, out.abs_mean
+
+    def _sign_product(self, x: Tensor | PackedActivation) -> Tensor:
+        """conv(sign(x - t), sign(W)) as float: the kernels' int32 sums, or torch when they could not be built."""
+        module = kernels.load()
+        if module is None:
+            pre = self.as_image(_sign_source(self.input_quantizer, x))
+            return self.from_image(F.conv2d(torch.where(pre >= 0, 1.0, -1.0), self.signs.float(), stride=self.stride,
+                                            padding=self.padding, dilation=self.dilation))
+        impl = kernels.resolve_impl(None)
+        raw = kernels.conv(self.input_bits(x, impl), self.bits, self.in_channels, self.kernel_size, self.stride,
+                           self.padding, self.dilation, impl).raw
+        return self.from_image(raw.permute(0, 3, 1, 2).float())
+
+    def _torch_tail(self, out: Tensor, x: Tensor | PackedActivation, real: str | None) -> Tensor:
+        if real is not None and out.dim() == 4:
+            out = out.contiguous(memory_format=torch.channels_last if real == "nhwc" else torch.contiguous_format)
         if self.alpha is not None:
             out = out * self.alpha.view(self.out_shape)
         if self.act_scale is not None:
-            out = out * self.act_scale(x)
+            out = out * self.act_scale(x.real if isinstance(x, PackedActivation) else x)
         if self.affine is not None:
             out = self.affine(out, self.out_shape)
         return out if self.bias is None else out + self.bias.view(self.out_shape)
-
-    def _sign_product(self, pre: Tensor) -> Tensor:
-        """conv(sign(pre), sign(W)) as float: the kernels, or torch when they could not be built."""
-        module = kernels.load()
-        if module is None:
-            return F.conv2d(torch.where(pre >= 0, 1.0, -1.0), self.signs.float(), stride=self.stride,
-                            padding=self.padding, dilation=self.dilation)
-        impl = kernels.IMPLS[self.impl or kernels.best_impl()]
-        out = module.binary_conv(module.pack_channels(pre.float(), impl), self.bits, self.in_channels,
-                                 *self.kernel_size, *self.stride, *self.padding, *self.dilation, impl)
-        # NHWC int32 -> float in the input's memory format, so that later layers sum in the same order
-        return out.permute(0, 3, 1, 2).float().contiguous(memory_format=memory_format(pre))
 
 
 class PackedBinaryLinear(PackedBinaryConv2d):
@@ -119,8 +196,14 @@ class PackedBinaryLinear(PackedBinaryConv2d):
 
     out_shape = (-1,)
 
-    def _sign_product(self, pre: Tensor) -> Tensor:
-        return super()._sign_product(pre[:, :, None, None]).flatten(1)
+    def k_from_mean(self, a: Tensor) -> Tensor:
+        return a.reshape(-1, 1)  # XNOR-Net's K of a linear layer is the mean |x| itself
+
+    def as_image(self, x: Tensor) -> Tensor:
+        return x[:, :, None, None]
+
+    def from_image(self, y: Tensor) -> Tensor:
+        return y.flatten(1)
 
 
 class FixedBinaryWeight(nn.Module):
@@ -160,12 +243,13 @@ def binary_signs(layer: nn.Module) -> Tensor:
     return layer.weight.detach() >= 0
 
 
-def to_packed_(model: nn.Module) -> list[str]:
-    """Swap every binarized layer whose inputs are signed for its packed form (in place); layers with
-    real inputs (a BNN's first layer, BWN) keep the float product of their binary weights."""
+def to_packed_(model: nn.Module, names: set[str] | None = None) -> list[str]:
+    """Swap every binarized layer whose inputs are signed (`names`, default: those whose
+    `binary_product` holds now) for its packed form, in place; layers with real inputs (a BNN's
+    first layer, BWN) keep the float product of their binary weights."""
     done = []
     for name, layer in list(binary_layers(model)):
-        if not layer.binary_product:
+        if not (layer.binary_product if names is None else name in names):
             continue
         signs = binary_signs(layer)
         if isinstance(layer, BinaryLinear):
@@ -180,7 +264,10 @@ def to_packed_(model: nn.Module) -> list[str]:
 
 
 def export(model: nn.Module, config: dict, input_shape: tuple[int, int, int], path: Path) -> dict:
-    """Write `model` (a trained, binarized network) as a packed file; returns sizes in bytes."""
+    """Write `model` (a trained, binarized network) as a packed file; returns sizes in bytes.
+
+    input_shape: (channels, image_size, num_classes), the arguments `build_network` rebuilds the
+    network from (stored under the key "input_shape")."""
     binary = {}
     for name, layer in binary_layers(model):
         w = layer.weight.detach()
@@ -197,11 +284,14 @@ def export(model: nn.Module, config: dict, input_shape: tuple[int, int, int], pa
             "fp32_model_bytes": sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point())}
 
 
-def load_packed(path: Path) -> nn.Module:
+def load_packed(path: Path, fuse: bool = True) -> nn.Module:
     """A module for inference from a packed file: the network rebuilt from its config, real
-    tensors loaded, binary layers running on the packed kernels (eval mode)."""
+    tensors loaded, binary layers running on the packed kernels (eval mode). fuse: hand packed bits
+    from layer to layer and fold what follows each binary layer into its epilogue (`fused.py`);
+    False: each binary layer on its own, with a float tensor between layers."""
     from omegaconf import OmegaConf
 
+    from bnn_train.deploy import fused
     from bnn_train.train.setup import build_network
 
     try:
@@ -212,13 +302,21 @@ def load_packed(path: Path) -> nn.Module:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} file; export one with scripts/export.py")
     cfg = OmegaConf.create(payload["config"])
-    c, size, classes = payload["input_shape"]
+    c, size, classes = payload["input_shape"]  # [channels, image_size, num_classes]
     model, _ = build_network(cfg, c, classes, size)
     signs = {name: unpack_rows(e["bits"].numpy(), int(np.prod(e["shape"][1:]))).view(e["shape"])
              for name, e in payload["binary"].items()}
     state = {**payload["real"], **{f"{n}.weight": torch.where(s, 1.0, -1.0) for n, s in signs.items()}}
     model.load_state_dict(state, strict=True)
+    model.eval()
+    # Decided before the weights are swapped: whether the training-time forward runs the exact
+    # +-1 product, and (fused) the memory formats that forward gives every tensor.
+    packable = {n for n, layer in binary_layers(model) if layer.binary_product}
+    formats = fused.reference_formats(model, (c, size, size)) if fuse and kernels.load() is not None else None
     for name, layer in binary_layers(model):
         layer.weight_quantizer = FixedBinaryWeight(signs[name], payload["binary"][name]["alpha"])
-    to_packed_(model)
-    return model.eval()
+    to_packed_(model, packable)
+    model.eval()
+    if formats is None:
+        return model
+    return fused.PackedNetwork(model, formats)

@@ -1,60 +1,40 @@
-"""Architectures, written once in full precision, and a name -> builder registry.
+"""Architectures, written once in full precision, in a name -> builder registry (`base.py`).
 
-A builder takes (cfg_model, in_channels, num_classes, image_size, act_layer) and returns an
-nn.Module; `act_layer(channels)` makes one activation for a tensor with that many channels
-(per-channel activations such as RPReLU need the count; the others ignore it). Models register
-layers in forward order and name shortcut projections `downsample`, so `binarize_` can apply its
-first/last/downsample policy without looking at shapes. Each model class says in
-`per_conv_shortcut` whether every conv has its own real shortcut (Bi-Real Net style).
+Every module in this folder is imported here, so a model registers itself by being a file in it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bnn_train.errors import ConfigError
-from bnn_train.models.activations import RPReLU
-from bnn_train.models.alexnet import build_alexnet
-from bnn_train.models.bireal import build_bireal18, build_bireal34
-from bnn_train.models.mlp import build_mlp
-from bnn_train.models.resnet import build_resnet18, build_resnet20
+from bnn_train.errors import ConfigError, FieldError
+from bnn_train.models.base import ACTIVATIONS, MODELS, ModelConfig, widen
+from bnn_train.registry import import_submodules
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": build_mlp,
-    "resnet18": build_resnet18,
-    "resnet20": build_resnet20,
-    "alexnet": build_alexnet,
-    "bireal18": build_bireal18,
-    "bireal34": build_bireal34,
-}
+import_submodules(__name__)
 
-# Models whose built class has per_conv_shortcut = True (unless model.shortcut=false), so that a
-# config can be checked before anything is built; tests/test_bireal.py keeps the two in step.
-PER_CONV_SHORTCUT = {"bireal18", "bireal34"}
+__all__ = ["ACTIVATIONS", "MODELS", "ModelConfig", "build_model", "has_per_conv_shortcut", "model_config", "widen"]
 
-# name -> factory(channels) -> nn.Module
-ACTIVATIONS: dict[str, Callable[[int], nn.Module]] = {
-    "relu": lambda channels: nn.ReLU(inplace=True),
-    "hardtanh": lambda channels: nn.Hardtanh(),
-    "identity": lambda channels: nn.Identity(),
-    "rprelu": RPReLU,
-}
+
+def model_config(cfg_model) -> ModelConfig:
+    """The typed config of `cfg_model` (its schema checks the values)."""
+    keys = OmegaConf.to_container(cfg_model, resolve=True) if isinstance(cfg_model, DictConfig) else dict(cfg_model)
+    MODELS.lookup(keys.get("name"))
+    try:
+        return MODELS.schemas[keys["name"]](**keys)
+    except FieldError as err:
+        raise err.at("model") from None
 
 
 def build_model(cfg_model, in_channels: int, num_classes: int, image_size: int, act: str) -> nn.Module:
     """Build the registered architecture `cfg_model.name` with activation `act`."""
-    if cfg_model.name not in MODELS:
-        raise ConfigError(f"model={cfg_model.name}: unknown model; choose one of: {', '.join(MODELS)}")
+    builder = MODELS.lookup(cfg_model.get("name"))
     if act not in ACTIVATIONS:
         raise ConfigError(f"model.act={act}: choose one of: auto, {', '.join(ACTIVATIONS)}")
-    return MODELS[cfg_model.name](cfg_model, in_channels, num_classes, image_size, ACTIVATIONS[act])
+    return builder(model_config(cfg_model), in_channels, num_classes, image_size, ACTIVATIONS[act])
 
 
 def has_per_conv_shortcut(cfg_model) -> bool:
-    """Whether `cfg_model` builds a network with a real shortcut around every conv (Bi-Real Net,
-    or a ResNet with model.shortcut=per_conv)."""
-    if cfg_model.get("shortcut") == "per_conv":
-        return True
-    return cfg_model.get("name") in PER_CONV_SHORTCUT and cfg_model.get("shortcut", True) is True
+    """Whether `cfg_model` builds a network with a real shortcut around every conv (Bi-Real Net)."""
+    return model_config(cfg_model).per_conv_shortcut()

@@ -15,10 +15,14 @@ binary values (which would be mostly +1). The first conv stays conv -> BN -> act
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from torch import Tensor, nn
 
-from bnn_train.errors import ConfigError
-from bnn_train.models.resnet import SMALL_INPUT_PX, widen
+from bnn_train.errors import ConfigError, FieldError
+from bnn_train.models.base import MODELS, ModelConfig, widen
+from bnn_train.models.resnet import stem_kind
 
 # (out_channels, kernel, stride, padding, max-pool after) per conv
 IMAGENET_CONVS = [(96, 11, 4, 2, True), (256, 5, 1, 2, True), (384, 3, 1, 1, False), (384, 3, 1, 1, False),
@@ -27,6 +31,25 @@ CIFAR_CONVS = [(96, 3, 1, 1, True), (256, 3, 1, 1, True), (384, 3, 1, 1, False),
                (256, 3, 1, 1, True)]
 DEFAULT_FC_WIDTH = {"imagenet": 4096, "cifar": 1024}
 VARIANTS, BLOCK_ORDERS = ("auto", "imagenet", "cifar"), ("standard", "xnor")
+
+
+@dataclass
+class AlexNetConfig(ModelConfig):
+    """variant: auto (cifar below 64 px) | imagenet | cifar; block_order: standard | xnor;
+    fc_width: hidden fc width, auto: 4096 (imagenet), 1024 (cifar)."""
+
+    name: str = "alexnet"
+    variant: str = "auto"
+    block_order: str = "standard"
+    fc_width: Any = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, choices in (("variant", VARIANTS), ("block_order", BLOCK_ORDERS)):
+            if getattr(self, key) not in choices:
+                raise FieldError(key, getattr(self, key), "choose one of " + ", ".join(choices))
+        if self.fc_width != "auto" and not (type(self.fc_width) is int and self.fc_width >= 1):
+            raise FieldError("fc_width", self.fc_width, "must be auto or an integer >= 1")
 
 
 def _block(layer: nn.Module, bn_in: int, bn_out: int, first: bool, last: bool, xnor: bool, act_layer,
@@ -43,8 +66,6 @@ def _block(layer: nn.Module, bn_in: int, bn_out: int, first: bool, last: bool, x
 
 
 class AlexNet(nn.Module):
-    per_conv_shortcut = False
-
     def __init__(self, in_channels: int, num_classes: int, image_size: int, variant: str, fc_width: int,
                  block_order: str, act_layer, width_mult: float = 1.0):
         super().__init__()
@@ -75,16 +96,10 @@ class AlexNet(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-def build_alexnet(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> AlexNet:
-    variant, order = cfg.get("variant", "auto"), cfg.get("block_order", "standard")
-    fc_width = cfg.get("fc_width", "auto")
-    if variant not in VARIANTS:
-        raise ConfigError(f"model.variant={variant}: choose one of: {', '.join(VARIANTS)}")
-    if order not in BLOCK_ORDERS:
-        raise ConfigError(f"model.block_order={order}: choose one of: {', '.join(BLOCK_ORDERS)}")
-    if variant == "auto":
-        variant = "cifar" if image_size < SMALL_INPUT_PX else "imagenet"
-    if fc_width == "auto":
-        fc_width = DEFAULT_FC_WIDTH[variant]
-    m = cfg.get("width_mult", 1.0)
-    return AlexNet(in_channels, num_classes, image_size, variant, widen(int(fc_width), m), order, act_layer, m)
+@MODELS.register("alexnet", AlexNetConfig)
+def build_alexnet(cfg: AlexNetConfig, in_channels: int, num_classes: int, image_size: int, act_layer) -> AlexNet:
+    variant = stem_kind(cfg.variant, image_size)
+    fc_width = DEFAULT_FC_WIDTH[variant] if cfg.fc_width == "auto" else cfg.fc_width
+    m = cfg.width_mult
+    return AlexNet(in_channels, num_classes, image_size, variant, widen(int(fc_width), m), cfg.block_order,
+                   act_layer, m)

@@ -11,9 +11,31 @@ release (liuzechun/Bi-Real-net). Stages: ResNet-18's [2,2,2,2] and ResNet-34's [
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from bnn_train.models.resnet import SMALL_INPUT_PX, ResNet, cifar_stem, conv3x3, imagenet_stem, widen
+from bnn_train.errors import FieldError
+from bnn_train.models.base import MODELS, ModelConfig, widen
+from bnn_train.models.resnet import STEMS, ResNet, cifar_stem, conv3x3, imagenet_stem, stem_kind
+
+
+@dataclass
+class BiRealConfig(ModelConfig):
+    """stem: auto | imagenet | cifar; shortcut=false: no per-conv shortcuts and no downsample
+    branches (the paper's ablation)."""
+
+    name: str = "bireal18"
+    stem: str = "auto"
+    shortcut: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stem not in STEMS:
+            raise FieldError("stem", self.stem, "choose one of " + ", ".join(STEMS))
+
+    def per_conv_shortcut(self) -> bool:
+        return self.shortcut
 
 
 class BiRealBlock(nn.Module):
@@ -45,23 +67,21 @@ class BiRealNet(ResNet):
                  num_classes: int, act_layer, shortcut: bool = True):
         super().__init__(stem, stem_channels, widths, convs, num_classes, act_layer,
                          block=lambda cin, cout, stride, act: BiRealBlock(cin, cout, stride, act, shortcut))
-        self.per_conv_shortcut = shortcut
 
 
-def _build_bireal(cfg, in_channels: int, num_classes: int, image_size: int, act_layer,
+def _build_bireal(cfg: BiRealConfig, in_channels: int, num_classes: int, image_size: int, act_layer,
                   convs: list[int]) -> BiRealNet:
-    kind = cfg.get("stem", "auto")
-    if kind == "auto":
-        kind = "cifar" if image_size < SMALL_INPUT_PX else "imagenet"
-    m = cfg.get("width_mult", 1.0)
+    kind, m = stem_kind(cfg.stem, image_size), cfg.width_mult
     stem = (cifar_stem if kind == "cifar" else imagenet_stem)(in_channels, widen(64, m), act_layer)
     return BiRealNet(stem, widen(64, m), [widen(c, m) for c in (64, 128, 256, 512)], convs, num_classes, act_layer,
-                     shortcut=bool(cfg.get("shortcut", True)))
+                     shortcut=cfg.shortcut)
 
 
-def build_bireal18(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> BiRealNet:
+@MODELS.register("bireal18", BiRealConfig)
+def build_bireal18(cfg: BiRealConfig, in_channels: int, num_classes: int, image_size: int, act_layer) -> BiRealNet:
     return _build_bireal(cfg, in_channels, num_classes, image_size, act_layer, [4, 4, 4, 4])
 
 
-def build_bireal34(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> BiRealNet:
+@MODELS.register("bireal34", BiRealConfig)
+def build_bireal34(cfg: BiRealConfig, in_channels: int, num_classes: int, image_size: int, act_layer) -> BiRealNet:
     return _build_bireal(cfg, in_channels, num_classes, image_size, act_layer, [6, 8, 12, 6])

@@ -6,14 +6,35 @@ Hubara, Courbariaux et al. 2016, "Binarized Neural Networks", sec. 2.6: `depth` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from bnn_train.models.resnet import widen
+from bnn_train.errors import FieldError
+from bnn_train.models.base import MODELS, ModelConfig, widen
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    """depth: hidden layers (0: a linear classifier); final_bn: BatchNorm on the logits, as in BinaryNet."""
+
+    name: str = "mlp"
+    depth: int = 3
+    width: int = 1024
+    dropout: float = 0.0
+    final_bn: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.depth < 0:
+            raise FieldError("depth", self.depth, "must be >= 0")
+        if self.width < 1:
+            raise FieldError("width", self.width, "must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise FieldError("dropout", self.dropout, "must be in [0, 1)")
 
 
 class MLP(nn.Module):
-    per_conv_shortcut = False
-
     def __init__(self, in_features: int, num_classes: int, depth: int, width: int, act_layer,
                  dropout: float = 0.0, final_bn: bool = True):
         super().__init__()
@@ -31,7 +52,7 @@ class MLP(nn.Module):
         return self.final_bn(self.classifier(self.features(x)))
 
 
-def build_mlp(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> MLP:
-    return MLP(in_channels * image_size * image_size, num_classes, cfg.depth, widen(cfg.width, cfg.get("width_mult", 1.0)),
-               act_layer,
-               cfg.get("dropout", 0.0), cfg.get("final_bn", True))
+@MODELS.register("mlp", MLPConfig)
+def build_mlp(cfg: MLPConfig, in_channels: int, num_classes: int, image_size: int, act_layer) -> MLP:
+    return MLP(in_channels * image_size * image_size, num_classes, cfg.depth, widen(cfg.width, cfg.width_mult),
+               act_layer, cfg.dropout, cfg.final_bn)

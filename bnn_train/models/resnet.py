@@ -16,15 +16,48 @@ Two choices shape a ResNet for 1-bit training (`model.shortcut`, `model.downsamp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnn_train.errors import FieldError
+from bnn_train.models.base import MODELS, ModelConfig, widen
 
-def widen(channels: int, mult: float) -> int:
-    """`channels` times the width multiplier (model.width_mult), at least 1: the "wider binary
-    network" compensation (e.g. Zhu, Al-Ars & Hofstee 2019, "Binary Ensemble Neural Network", and
-    the width studies in Bethge et al. 2019, "Back to Simplicity")."""
-    return max(1, int(round(channels * mult)))
+STEMS = ("auto", "imagenet", "cifar")
+
+
+@dataclass
+class ResNet20Config(ModelConfig):
+    """shortcut: block | per_conv; downsample: conv | option_a (module docstring); head_bn: a
+    BatchNorm1d on the pooled features before the classifier (IR-Net's CIFAR ResNets)."""
+
+    name: str = "resnet20"
+    shortcut: str = "block"
+    downsample: str = "conv"
+    head_bn: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, choices in (("shortcut", tuple(SHORTCUTS)), ("downsample", DOWNSAMPLES)):
+            if getattr(self, key) not in choices:
+                raise FieldError(key, getattr(self, key), "choose one of " + ", ".join(choices))
+
+    def per_conv_shortcut(self) -> bool:
+        return self.shortcut == "per_conv"
+
+
+@dataclass
+class ResNet18Config(ResNet20Config):
+    """stem: auto (cifar below 64 px) | imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv)."""
+
+    name: str = "resnet18"
+    stem: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stem not in STEMS:
+            raise FieldError("stem", self.stem, "choose one of " + ", ".join(STEMS))
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -85,8 +118,6 @@ SHORTCUTS = {"block": BasicBlock, "per_conv": PerConvBlock}
 
 
 class ResNet(nn.Module):
-    per_conv_shortcut = False  # shortcuts span two convs (Bi-Real Net has one per conv)
-
     def __init__(self, stem: nn.Module, stem_channels: int, widths: list[int], blocks: list[int],
                  num_classes: int, act_layer, block=BasicBlock, head_bn: bool = False):
         """block(cin, cout, stride, act_layer): the residual block of every stage; head_bn: a
@@ -127,27 +158,29 @@ def cifar_stem(cin: int, cout: int, act_layer) -> nn.Sequential:
 SMALL_INPUT_PX = 64
 
 
-def build_resnet18(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> ResNet:
-    kind = cfg.get("stem", "auto")
-    if kind == "auto":
-        kind = "cifar" if image_size < SMALL_INPUT_PX else "imagenet"
-    m = cfg.get("width_mult", 1.0)
+def stem_kind(stem: str, image_size: int) -> str:
+    if stem == "auto":
+        return "cifar" if image_size < SMALL_INPUT_PX else "imagenet"
+    return stem
+
+
+@MODELS.register("resnet18", ResNet18Config)
+def build_resnet18(cfg: ResNet18Config, in_channels: int, num_classes: int, image_size: int, act_layer) -> ResNet:
+    kind, m = stem_kind(cfg.stem, image_size), cfg.width_mult
     stem = (cifar_stem if kind == "cifar" else imagenet_stem)(in_channels, widen(64, m), act_layer)
     return _resnet(cfg, stem, widen(64, m), [widen(c, m) for c in (64, 128, 256, 512)], [2, 2, 2, 2], num_classes,
                    act_layer)
 
 
-def build_resnet20(cfg, in_channels: int, num_classes: int, image_size: int, act_layer) -> ResNet:
-    m = cfg.get("width_mult", 1.0)
+@MODELS.register("resnet20", ResNet20Config)
+def build_resnet20(cfg: ResNet20Config, in_channels: int, num_classes: int, image_size: int, act_layer) -> ResNet:
+    m = cfg.width_mult
     return _resnet(cfg, cifar_stem(in_channels, widen(16, m), act_layer), widen(16, m),
                    [widen(c, m) for c in (16, 32, 64)], [3, 3, 3], num_classes, act_layer)
 
 
-def _resnet(cfg, stem, stem_channels, widths, blocks, num_classes, act_layer) -> ResNet:
-    shortcut, downsample = cfg.get("shortcut", "block"), cfg.get("downsample", "conv")
-    block_cls = SHORTCUTS[shortcut]
-    net = ResNet(stem, stem_channels, widths, blocks, num_classes, act_layer,
-                 block=lambda cin, cout, stride, act: block_cls(cin, cout, stride, act, downsample),
-                 head_bn=bool(cfg.get("head_bn", False)))
-    net.per_conv_shortcut = shortcut == "per_conv"
-    return net
+def _resnet(cfg: ResNet20Config, stem, stem_channels, widths, blocks, num_classes, act_layer) -> ResNet:
+    block_cls = SHORTCUTS[cfg.shortcut]
+    return ResNet(stem, stem_channels, widths, blocks, num_classes, act_layer,
+                  block=lambda cin, cout, stride, act: block_cls(cin, cout, stride, act, cfg.downsample),
+                  head_bn=cfg.head_bn)

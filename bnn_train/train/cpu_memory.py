@@ -20,7 +20,11 @@ _done = False
 
 
 def keep_freed_memory() -> bool:
-    """mallopt(M_MMAP_MAX, 0) and a trim threshold of 2^62 bytes; False where glibc is absent."""
+    """mallopt(M_MMAP_MAX, 0) and a trim threshold of 2^31 - 1 bytes; False where glibc is absent.
+
+    mallopt takes its value as a C int, so 2^31 - 1 is the largest threshold it accepts: the heap's
+    free top goes back to the OS only once more than 2 GiB of it is unused, far above a step's
+    working set."""
     global _done
     if _done:
         return True

@@ -25,6 +25,8 @@ import logging
 import pickle
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from bnn_train.errors import CheckpointError, ConfigError
+from bnn_train.errors import CheckpointError, ConfigError, one_of, require
 from bnn_train.train.checkpoint import check_checkpoint_file
 from bnn_train.train.setup import build_network
 
@@ -42,9 +44,44 @@ log = logging.getLogger(__name__)
 _HINT = ("set teacher.path to a bnn-train checkpoint (<run dir>/checkpoints/best.pt) or to a state dict "
          "saved with torch.save(model.state_dict(), PATH)")
 
+# ---- the `teacher` group's schemas (the defaults of configs/teacher) ----
+
+
+@dataclass
+class NoTeacherConfig:
+    name: str = "none"
+
+
+@dataclass
+class TeacherConfig:
+    """teacher=checkpoint: a frozen teacher for knowledge distillation (bnn_train/train/distill.py)."""
+
+    name: str = "checkpoint"
+    path: str = "???"
+    model: Optional[str] = None
+    loss: str = "kd"
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def __post_init__(self):
+        one_of(self, "loss", "kd", "distribution")
+        require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        require(0 <= self.alpha <= 1, "alpha", self.alpha, "must be in [0, 1]")
+        require(self.model is None or self.model in _models(), "model", self.model,
+                 "choose one of " + ", ".join(_models()) + " (or null for a bnn-train checkpoint)")
+
+
+TEACHER_SCHEMAS = {"none": NoTeacherConfig, "checkpoint": TeacherConfig}
+
+
+def _models():
+    from bnn_train.models import MODELS
+
+    return MODELS
+
+
 # The full-precision method a plain state dict is built with (configs/method/fp.yaml).
-_FP = {"name": "fp", "keep_first_real": True, "keep_last_real": True, "keep_downsample_real": False,
-       "clip_latent": None}
+_FP = {"name": "fp"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,14 +216,11 @@ def _from_run_checkpoint(path: Path, obj: Mapping, wanted, in_channels: int, num
 def _from_state_dict(path: Path, state: dict, name: str, in_channels: int, num_classes: int,
                      image_size: int) -> tuple[dict, nn.Module, str]:
     """Build registered architecture `name` in full precision; map torchvision ResNet key names."""
-    from bnn_train.config import SCHEMAS
     from bnn_train.models import MODELS
 
     if name not in MODELS:
         raise ConfigError(f"teacher.model={name}: unknown model; choose one of: {', '.join(MODELS)}")
-    schema = SCHEMAS["model"].get(name)
-    model_cfg = OmegaConf.to_container(OmegaConf.structured(schema)) if schema else {}
-    model_cfg["name"] = name
+    model_cfg = {**OmegaConf.to_container(OmegaConf.structured(MODELS.schemas[name])), "name": name}
     what = f"teacher.model={name}"
     if _has_torchvision_resnet_keys(state):
         kernel = state["conv1.weight"].shape[-1] if getattr(state["conv1.weight"], "ndim", 0) == 4 else 7

@@ -63,10 +63,6 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
     """Sum of `values` over all processes (the values themselves in a single process)."""
     if not d.enabled:

@@ -3,9 +3,92 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import List
 
 import torch
 from torch import Tensor, nn
+
+from bnn_train.errors import one_of, require
+
+# ---- the `optim` and `sched` groups' schemas (the defaults of configs/optim, configs/sched) ----
+
+
+@dataclass
+class OptimConfig:
+    name: str = "???"
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    decay_binary: bool = False
+    latent_lr_scale: str = "none"
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        one_of(self, "latent_lr_scale", "none", "glorot")
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    name: str = "adam"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+                 "must be two values in [0, 1)")
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0005
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        require(not (self.nesterov and self.momentum == 0), "nesterov", self.nesterov, "needs optim.momentum > 0")
+
+
+@dataclass
+class ConstantConfig:
+    name: str = "constant"
+    warmup_epochs: int = 0
+
+    def __post_init__(self):
+        require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
+
+
+@dataclass
+class CosineConfig(ConstantConfig):
+    name: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+
+
+@dataclass
+class StepConfig(ConstantConfig):
+    name: str = "step"
+    milestones: List[int] = field(default_factory=lambda: [30, 60, 90])
+    gamma: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        m = self.milestones
+        require(all(v >= 1 for v in m) and all(a < b for a, b in zip(m, m[1:])), "milestones", m,
+                 "must be increasing epochs >= 1")
+        require(self.gamma > 0, "gamma", self.gamma, "must be > 0")
+
+
+OPTIM_SCHEMAS = {"adam": AdamConfig, "sgd": SGDConfig}
+SCHED_SCHEMAS = {"constant": ConstantConfig, "cosine": CosineConfig, "step": StepConfig}
+
 
 
 def glorot_lr_scale(weight: Tensor) -> float:
