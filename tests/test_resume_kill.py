@@ -78,6 +78,7 @@ def assert_same_end(ref_dir, run_dir, steps, log_every, note):
     assert [e.value for e in events.Scalars("train/loss")] == [e.value for e in ref_events.Scalars("train/loss")]
 
 
+@pytest.mark.slow  # not yet reliable in a loaded CI run: see the closing note
 def test_sigkill_after_a_fixed_step_then_resume_is_bit_exact(tmp_path):
     """train.py killed after step 5; the uninterrupted run and the resume run in this process
     (`fit`, which train.py calls), which spares two interpreter start-ups."""
