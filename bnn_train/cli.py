@@ -56,15 +56,15 @@ def preflight(argv: list[str], config_dir: Path, config_name: str = "train") -> 
     multirun = any(a in _RUN_FLAGS for a in argv)
     parser = OverridesParser.create()
     parsed = [_parse(parser, a) for a in argv if a and not a.startswith("-")]
+    hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override() and not o.is_sweep_override()]
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        for overrides in _variants(parsed, Path(config_dir), multirun):
-            cfg = _compose(config_name, overrides)
+        for i, overrides in enumerate(_variants(parsed, Path(config_dir), multirun)):
+            cfg = _compose(config_name, overrides + hydra_overrides)
+            if i == 0:  # the run (or sweep) folder is the same for every variant
+                _check_output_dir(key, OmegaConf.select(cfg, key))
             validate(cfg, pairs=not multirun)  # a grid may hold pairs its jobs reject one by one
             _check_checkpoint(cfg)
-        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override() and not o.is_sweep_override()]
-        with_hydra = compose(config_name, overrides + hydra_overrides, return_hydra_config=True)
-        _check_output_dir(key, OmegaConf.select(with_hydra, key))
 
 
 def _check_output_dir(key: str, folder: str) -> None:
@@ -123,7 +123,7 @@ def _variants(parsed: list[Override], config_dir: Path, multirun: bool) -> list[
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     try:
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except MissingConfigException as err:
         raise _unknown_option(err, overrides) from None
     except (HydraException, OmegaConfBaseException) as err:
@@ -131,9 +131,10 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
 
 
 def _unknown_option(err: MissingConfigException, overrides: list[str]) -> ConfigError:
+    """`group=option` naming a YAML that does not exist, with the group's options."""
     for text in overrides:
         group, _, option = text.lstrip("+").partition("=")
-        if err.options is not None and f"'{group}/{option}'" in str(err) or f"'{option}'" in str(err):
+        if f"'{group}/{option}'" in str(err):
             return ConfigError(f"{text}: unknown option; choose one of: {', '.join(sorted(err.options or []))}")
     return ConfigError(one_line(err))
 

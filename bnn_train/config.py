@@ -101,8 +101,9 @@ def validate(cfg: DictConfig | Mapping, pairs: bool = True) -> None:
     """Run every node's schema checks on a composed config; raise a one-line ConfigError naming the key.
 
     pairs: also reject model x method combinations that cannot work."""
+    if isinstance(cfg, DictConfig) and "hydra" in cfg:  # compose(return_hydra_config=True): not ours to check
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     root = _resolve(cfg)
-    root.pop("hydra", None)  # present only with compose(return_hydra_config=True)
     nodes = {group: root.pop(group, None) for group in GROUPS}
     _instantiate(TopLevelConfig, {k: v for k, v in root.items() if k != "experiment"}, "")
     for group, node in nodes.items():

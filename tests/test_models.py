@@ -22,8 +22,8 @@ SMALL = {"mlp": {"depth": 2, "width": 32}, "alexnet": {"fc_width": 64}}
 
 def model_node(model: str) -> dict:
     keys = {**OmegaConf.to_container(OmegaConf.structured(MODELS.schemas[model])), **SMALL.get(model, {})}
-    if MODELS.schemas[model] is not None and "shortcut" in keys and isinstance(keys["shortcut"], str):
-        keys["shortcut"] = "per_conv" if model == "resnet20" else keys["shortcut"]  # covers both ResNet forms
+    if model == "resnet20":
+        keys["shortcut"] = "per_conv"  # resnet18 keeps the block form: both ResNet forms are covered
     return {**keys, "name": model}
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from bnn_train.binarize.quantizers import STES, EpochScheduled, SignSTE, sign_int8
 from bnn_train.binarize.scaling import SplitWeightBinarizer, l1_mean, through_ste
 from bnn_train.binarize.schemes import SCHEMES, Scheme
-from bnn_train.errors import FieldError
+from bnn_train.errors import require
 
 
 @dataclass
@@ -28,10 +28,8 @@ class EDEConfig:
 
     def __post_init__(self):
         for key in ("t_min", "t_max"):
-            if not getattr(self, key) > 0:
-                raise FieldError(key, getattr(self, key), "must be > 0")
-        if self.t_min > self.t_max:
-            raise FieldError("t_min", self.t_min, f"must be <= t_max ({self.t_max})")
+            require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        require(self.t_min <= self.t_max, "t_min", self.t_min, f"must be <= t_max ({self.t_max})")
 
 
 @STES.register("ede", EDEConfig)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from bnn_train.errors import FieldError
+from bnn_train.errors import require
 from bnn_train.registry import Registry
 
 
@@ -158,8 +158,7 @@ class SwishSignConfig:
     beta: float = 5.0
 
     def __post_init__(self):
-        if not self.beta > 0:
-            raise FieldError("beta", self.beta, "must be > 0")
+        require(self.beta > 0, "beta", self.beta, "must be > 0")
 
 
 @STES.register("swish_sign", SwishSignConfig)

@@ -17,13 +17,8 @@ from bnn_train.binarize.quantizers import (ActivationQuantizer, SignSTE, Stochas
                                            ZeroOneSign, build_ste)
 from bnn_train.binarize.scaling import (LearnableScaleSignWeight, MagnitudeSignWeight, ScaledSignWeight,
                                         SignWeight, StochasticSignWeight, WeightBinarizer, activation_scale_for)
-from bnn_train.errors import ConfigError, FieldError
+from bnn_train.errors import ConfigError, FieldError, one_of, require
 from bnn_train.registry import Registry
-
-
-def one_of(key: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise FieldError(key, value, "choose one of " + ", ".join(choices))
 
 
 @dataclass
@@ -47,8 +42,8 @@ class Scheme:
     needs_per_conv_shortcut: ClassVar[bool] = False
 
     def __post_init__(self):
-        if self.clip_latent is not None and not self.clip_latent > 0:
-            raise FieldError("clip_latent", self.clip_latent, "must be > 0 (or null: no clip)")
+        require(self.clip_latent is None or self.clip_latent > 0, "clip_latent", self.clip_latent,
+                "must be > 0 (or null: no clip)")
 
     def weight_binarizer(self, weight: nn.Parameter, ste_node: dict) -> Optional[WeightBinarizer]:
         """The latent -> binary weight map of one layer (None: real weights); `ste_node`: the `ste`
@@ -127,16 +122,14 @@ class BinaryScheme(Scheme):
 
     def __post_init__(self):
         super().__post_init__()
-        one_of("weight_scale", self.weight_scale, WEIGHT_SCALES)
-        one_of("weight_scale_granularity", self.weight_scale_granularity, ("channel", "layer"))
-        one_of("act_levels", self.act_levels, ("pm1", "01"))
-        one_of("reg", self.reg, ("none", "l1", "l2"))
-        if not self.reg_weight >= 0:
-            raise FieldError("reg_weight", self.reg_weight, "must be >= 0")
+        one_of(self, "weight_scale", *WEIGHT_SCALES)
+        one_of(self, "weight_scale_granularity", "channel", "layer")
+        one_of(self, "act_levels", "pm1", "01")
+        one_of(self, "reg", "none", "l1", "l2")
+        require(self.reg_weight >= 0, "reg_weight", self.reg_weight, "must be >= 0")
         for key in ("act_levels", "act_stochastic"):
-            if getattr(self, key) not in ("pm1", False) and not self.binary_activations:
-                raise FieldError(key, getattr(self, key), f"{self.name} keeps activations real; {key} applies to "
-                                 f"binary activations")
+            require(getattr(self, key) in ("pm1", False) or self.binary_activations, key, getattr(self, key),
+                    f"{self.name} keeps activations real; {key} applies to binary activations")
 
     def weight_binarizer(self, weight, ste_node):
         ste, per_channel = self._weight_estimator(ste_node), self.weight_scale_granularity == "channel"
@@ -174,9 +167,8 @@ class BinaryConnect(BinaryScheme):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stochastic and self.weight_scale != "none":
-            raise FieldError("weight_scale", self.weight_scale, "stochastic BinaryConnect samples unscaled +-1 "
-                             "weights; use none or method.stochastic=false")
+        require(not self.stochastic or self.weight_scale == "none", "weight_scale", self.weight_scale,
+                "stochastic BinaryConnect samples unscaled +-1 weights; use none or method.stochastic=false")
 
     def weight_binarizer(self, weight, ste_node):
         if self.stochastic:
@@ -224,7 +216,7 @@ class XNOR(BinaryScheme):
 
     def __post_init__(self):
         super().__post_init__()
-        one_of("act_scale", self.act_scale, ("none", "k_map"))
+        one_of(self, "act_scale", "none", "k_map")
 
     def activation_scale(self, layer):
         return activation_scale_for(layer) if self.act_scale == "k_map" else None

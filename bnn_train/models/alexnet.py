@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bnn_train.errors import ConfigError, FieldError
+from bnn_train.errors import ConfigError, one_of, require
 from bnn_train.models.base import MODELS, ModelConfig, widen
 from bnn_train.models.resnet import stem_kind
 
@@ -45,11 +45,10 @@ class AlexNetConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for key, choices in (("variant", VARIANTS), ("block_order", BLOCK_ORDERS)):
-            if getattr(self, key) not in choices:
-                raise FieldError(key, getattr(self, key), "choose one of " + ", ".join(choices))
-        if self.fc_width != "auto" and not (type(self.fc_width) is int and self.fc_width >= 1):
-            raise FieldError("fc_width", self.fc_width, "must be auto or an integer >= 1")
+        one_of(self, "variant", *VARIANTS)
+        one_of(self, "block_order", *BLOCK_ORDERS)
+        require(self.fc_width == "auto" or (type(self.fc_width) is int and self.fc_width >= 1), "fc_width",
+                self.fc_width, "must be auto or an integer >= 1")
 
 
 def _block(layer: nn.Module, bn_in: int, bn_out: int, first: bool, last: bool, xnor: bool, act_layer,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bnn_train.errors import FieldError
+from bnn_train.errors import one_of, require
 from bnn_train.models.activations import RPReLU
 from bnn_train.registry import Registry
 
@@ -41,11 +41,8 @@ class ModelConfig:
     width_mult: float = 1.0
 
     def __post_init__(self):
-        choices = ("auto", *ACTIVATIONS)
-        if self.act not in choices:
-            raise FieldError("act", self.act, "choose one of " + ", ".join(choices))
-        if not self.width_mult > 0:
-            raise FieldError("width_mult", self.width_mult, "must be > 0")
+        one_of(self, "act", "auto", *ACTIVATIONS)
+        require(self.width_mult > 0, "width_mult", self.width_mult, "must be > 0")
 
     def per_conv_shortcut(self) -> bool:
         """Whether the network has a real shortcut around every conv (Bi-Real Net style)."""

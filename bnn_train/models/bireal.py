@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from bnn_train.errors import FieldError
+from bnn_train.errors import one_of
 from bnn_train.models.base import MODELS, ModelConfig, widen
 from bnn_train.models.resnet import STEMS, ResNet, cifar_stem, conv3x3, imagenet_stem, stem_kind
 
@@ -31,8 +31,7 @@ class BiRealConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stem not in STEMS:
-            raise FieldError("stem", self.stem, "choose one of " + ", ".join(STEMS))
+        one_of(self, "stem", *STEMS)
 
     def per_conv_shortcut(self) -> bool:
         return self.shortcut

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from bnn_train.errors import FieldError
+from bnn_train.errors import require
 from bnn_train.models.base import MODELS, ModelConfig, widen
 
 
@@ -26,12 +26,9 @@ class MLPConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.depth < 0:
-            raise FieldError("depth", self.depth, "must be >= 0")
-        if self.width < 1:
-            raise FieldError("width", self.width, "must be >= 1")
-        if not 0 <= self.dropout < 1:
-            raise FieldError("dropout", self.dropout, "must be in [0, 1)")
+        require(self.depth >= 0, "depth", self.depth, "must be >= 0")
+        require(self.width >= 1, "width", self.width, "must be >= 1")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
 
 
 class MLP(nn.Module):

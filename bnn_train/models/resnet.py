@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnn_train.errors import FieldError
+from bnn_train.errors import one_of
 from bnn_train.models.base import MODELS, ModelConfig, widen
 
 STEMS = ("auto", "imagenet", "cifar")
@@ -39,9 +39,8 @@ class ResNet20Config(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for key, choices in (("shortcut", tuple(SHORTCUTS)), ("downsample", DOWNSAMPLES)):
-            if getattr(self, key) not in choices:
-                raise FieldError(key, getattr(self, key), "choose one of " + ", ".join(choices))
+        one_of(self, "shortcut", *SHORTCUTS)
+        one_of(self, "downsample", *DOWNSAMPLES)
 
     def per_conv_shortcut(self) -> bool:
         return self.shortcut == "per_conv"
@@ -56,8 +55,7 @@ class ResNet18Config(ResNet20Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stem not in STEMS:
-            raise FieldError("stem", self.stem, "choose one of " + ", ".join(STEMS))
+        one_of(self, "stem", *STEMS)
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
